@@ -1,0 +1,41 @@
+# Every target creates and reuses .venv itself: `make demo` and `make test` are all a
+# fresh clone needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+ARTIFACTS ?= artifacts
+
+.PHONY: demo test test-fast bench lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+## demo: train the NumPy CNN with AdaMax on the bundled digits, in-process (no Redis, no Docker)
+demo: $(STAMP)
+	$(VENV)/bin/labctl run --model numpy-cnn --opt adamax --dataset digits \
+		--epochs 10 --batch-size 32 --artifacts-dir $(ARTIFACTS)
+
+## test: the whole suite, integration tests included (they start their own redis-server)
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## test-fast: skip the tests that start servers and workers
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+## bench: speed ratios against references, written to docs/benchmarks.md
+bench: $(STAMP)
+	$(PY) -m bench.numpy_vs_torch
+	$(PY) -m bench.resnet_throughput
+	$(PY) -m bench.queue_latency
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cli worker shared tests bench
+
+clean:
+	rm -rf $(VENV) $(ARTIFACTS)

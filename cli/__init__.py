@@ -1,0 +1,1 @@
+"""The ``labctl`` command line: one Click command per module, registered in ``cli.main``."""

@@ -1,0 +1,48 @@
+"""Exit codes and the exceptions that produce them.
+
+Every failure a user can cause ends in one clear line on stderr and a documented code,
+never a traceback. The table is in the README.
+"""
+
+from __future__ import annotations
+
+import click
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1       # the job ended failed or cancelled (--wait / run)
+EXIT_USAGE = 2            # bad spec, bad flag, bad file (Click's own usage code)
+EXIT_NOT_FOUND = 3        # no such job or sweep
+EXIT_UNAVAILABLE = 69     # broker / Redis unreachable (sysexits EX_UNAVAILABLE)
+EXIT_INTERRUPTED = 130    # Ctrl-C
+
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_JOB_FAILED: "the job failed or was cancelled",
+    EXIT_USAGE: "bad spec, option or file",
+    EXIT_NOT_FOUND: "no such job or sweep",
+    EXIT_UNAVAILABLE: "Redis (the broker) is unreachable",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
+class LabctlError(click.ClickException):
+    exit_code = EXIT_JOB_FAILED
+
+    def show(self, file=None) -> None:
+        click.echo(f"labctl: {self.format_message()}", err=True)
+
+
+class BadSpec(LabctlError):
+    exit_code = EXIT_USAGE
+
+
+class NotFound(LabctlError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class BrokerUnavailable(LabctlError):
+    exit_code = EXIT_UNAVAILABLE
+
+
+class JobFailed(LabctlError):
+    exit_code = EXIT_JOB_FAILED

@@ -1,0 +1,98 @@
+"""``labctl run``: train a job in this process, no Redis or Docker needed."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
+from cli.spec_options import spec_options, to_spec
+from shared.artifacts import ArtifactStore, InvalidJobId, new_job_id
+from shared.settings import get_settings
+from worker.runner import KeyboardInterruptWithOutcome, Reporter, epoch_line, run_job
+
+
+def artifacts_dir_option(fn):
+    return click.option(
+        "--artifacts-dir", type=click.Path(file_okay=False), default=None,
+        help="where job folders go [$LABCTL_ARTIFACTS_DIR or ./artifacts]")(fn)
+
+
+class TerminalReporter(Reporter):
+    """A progress bar and one line per epoch, on stderr so stdout stays data."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.interactive = sys.stderr.isatty()
+        self._last_draw = 0.0
+
+    def on_start(self, job_id, spec, info):
+        resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
+        click.echo(f"job {job_id}: {spec.model} / {spec.optimizer} on {spec.dataset} "
+                   f"({info['train_size']} train, {info['test_size']} test, "
+                   f"{info['num_classes']} classes){resumed}", err=True)
+
+    def on_batch(self, epoch, batch, num_batches):
+        now = time.monotonic()
+        if not self.interactive or (now - self._last_draw < 0.1 and batch != num_batches):
+            return
+        self._last_draw = now
+        width = 30
+        filled = width * batch // num_batches
+        sys.stderr.write(f"\repoch {epoch}/{self.epochs} [{'#' * filled}{'.' * (width - filled)}]"
+                         f" {batch}/{num_batches}")
+        sys.stderr.flush()
+
+    def on_epoch(self, row):
+        if self.interactive:
+            sys.stderr.write("\r\033[K")
+        click.echo(epoch_line(row, self.epochs), err=True)
+
+
+@click.command("run")
+@spec_options
+@artifacts_dir_option
+@click.option("--resume", "resume_id", default=None, metavar="JOB",
+              help="continue JOB from its last checkpoint, with its stored spec")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
+        as_json: bool) -> None:
+    """Train a job in this process and print its summary.
+
+    Ctrl-C stops cleanly: the last checkpoint is kept and the job is marked cancelled;
+    `labctl run --resume JOB` continues it.
+    """
+    store = ArtifactStore(artifacts_dir or get_settings().artifacts_dir)
+    if resume_id:
+        try:
+            folder = store.job(resume_id)
+        except InvalidJobId as exc:
+            raise BadSpec(str(exc)) from None
+        stored = folder.read_spec()
+        if stored is None:
+            raise NotFound(f"no job {resume_id} under {store.root}")
+        spec = to_spec({**stored, **spec_values})
+        job_id = resume_id
+    else:
+        spec = to_spec(spec_values)
+        job_id = new_job_id()
+    try:
+        outcome = run_job(spec, job_id, store, TerminalReporter(spec.epochs))
+    except KeyboardInterruptWithOutcome:
+        click.echo(f"\ncancelled; checkpoint kept in {store.job(job_id).path} "
+                   f"(resume with: labctl run --resume {job_id})", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    folder = store.job(job_id)
+    if outcome.state != "succeeded":
+        raise JobFailed(f"job {job_id} {outcome.state}: {outcome.error}")
+    if as_json:
+        click.echo(json.dumps({**outcome.summary, "artifacts": str(folder.path)}, indent=2))
+        return
+    final = outcome.summary["final"]
+    click.echo(f"job {job_id} succeeded: test accuracy {final['test_accuracy']:.4f}, "
+               f"macro-F1 {final['test_f1_macro']:.4f} after {spec.epochs} epochs "
+               f"({outcome.summary['total_seconds']:.1f}s)")
+    click.echo(f"artifacts: {folder.path}")

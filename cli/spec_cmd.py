@@ -1,0 +1,45 @@
+"""``labctl spec schema|show`` and ``labctl validate FILE``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cli.spec_options import load_file_or_fail, spec_options, to_spec
+from shared.spec import spec_schema
+
+
+@click.group("spec")
+def spec_group() -> None:
+    """Inspect the job spec."""
+
+
+@spec_group.command("schema")
+def schema() -> None:
+    """Print the JSON schema of a job spec, with every default."""
+    click.echo(json.dumps(spec_schema(), indent=2))
+
+
+@spec_group.command("show")
+@spec_options
+def show(spec_values: dict) -> None:
+    """Print the spec that these options produce, defaults filled in."""
+    spec = to_spec(spec_values)
+    resolved = spec.model_dump(mode="json")
+    resolved["lr"] = spec.effective_lr
+    resolved["image_size"] = spec.effective_image_size
+    click.echo(json.dumps(resolved, indent=2))
+
+
+@click.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the validated spec as JSON")
+def validate(file: str, as_json: bool) -> None:
+    """Check a YAML or JSON spec file. Exit 0 if valid, 2 if not."""
+    spec = to_spec(load_file_or_fail(file))
+    if as_json:
+        click.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
+    else:
+        click.echo(f"{file}: valid ({spec.model} / {spec.optimizer} / {spec.dataset}, "
+                   f"{spec.epochs} epochs)")

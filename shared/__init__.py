@@ -1,0 +1,1 @@
+"""Code shared by the CLI and the worker: job spec, settings, metrics, artefact store."""

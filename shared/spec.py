@@ -1,0 +1,222 @@
+"""The job spec: what to train, on what, and how.
+
+One pydantic model, ``JobSpec``, is the contract between the CLI that submits a
+job and the worker that runs it. Every number is bounded and unknown fields are
+refused, so a typo fails at submit time instead of an hour into a GPU job.
+
+Checks that depend on the host running the job (does ``data_root`` exist, is
+there a CUDA device) live in :func:`check_runtime`, called where the job runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Model = Literal["numpy-cnn", "resnet50"]
+Optimizer = Literal["adam", "adamax"]
+Dataset = Literal["digits", "mnist", "stanford-cars", "imagefolder", "synthetic"]
+LrSchedule = Literal["constant", "cosine"]
+
+#: Kingma & Ba (2015), Algorithm 1 and section 7.1.
+DEFAULT_LR = {"adam": 1e-3, "adamax": 2e-3}
+#: Datasets read from files under ``data_root``; the others are generated or bundled.
+FILE_DATASETS = frozenset({"mnist", "stanford-cars", "imagefolder"})
+#: Native side length of each dataset, used when ``image_size`` is left unset.
+NATIVE_IMAGE_SIZE = {"digits": 8, "mnist": 28, "synthetic": 32, "stanford-cars": 224,
+                     "imagefolder": 224}
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d{1,2})$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class SpecError(ValueError):
+    """A spec that cannot run, with the field at fault (``None`` for the whole spec)."""
+
+    def __init__(self, field: str | None, problem: str):
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+def _env_data_root() -> str | None:
+    return os.environ.get("LABCTL_DATA_DIR") or None
+
+
+class JobSpec(BaseModel):
+    """A training job. Defaults describe the lab's flagship run: ResNet50 on Stanford Cars."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    model: Model = Field("resnet50", description="Network: our NumPy CNN or our ResNet50.")
+    optimizer: Optimizer = Field("adamax", description="Adam or AdaMax (Kingma & Ba).")
+    dataset: Dataset = Field("stanford-cars", description="Training data.")
+    data_root: str | None = Field(
+        default_factory=_env_data_root,
+        description="Folder holding file-based datasets (mnist, stanford-cars, imagefolder). "
+        "Defaults to $LABCTL_DATA_DIR, /data/stanford_cars in the containers.",
+    )
+    epochs: int = Field(30, ge=1, le=1000, description="Passes over the training split.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per step.")
+    lr: float | None = Field(
+        None, gt=0, le=10,
+        description="Learning rate. Default depends on the optimizer: adam 1e-3, adamax 2e-3.",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Moment decay rates, each in [0, 1).")
+    eps: float = Field(1e-8, gt=0, le=1, description="Numerical stabiliser.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Coupled L2 penalty, as torch.optim.")
+    lr_schedule: LrSchedule = Field("cosine", description="constant, or cosine decay to 0.")
+    warmup_epochs: int = Field(0, ge=0, le=100, description="Linear warm-up before the schedule.")
+    image_size: int | None = Field(
+        None, ge=8, le=1024,
+        description="Side length images are resized to. Default: 224 for stanford-cars and "
+        "imagefolder, the native size otherwise (digits 8, mnist 28, synthetic 32).",
+    )
+    num_classes: int | None = Field(
+        None, ge=2, le=10000, description="Class count of the synthetic dataset (default 10).",
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds every random generator.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N.")
+    amp: bool = Field(False, description="bf16 autocast (resnet50 only).")
+    channels_last: bool = Field(True, description="channels_last memory format (resnet50 only).")
+    compile: bool = Field(False, description="torch.compile the model (resnet50 only).")
+    init_weights: str | None = Field(
+        None, description="torchvision-format checkpoint to start from (resnet50 only).",
+    )
+    crop_to_bbox: bool = Field(False, description="Crop Stanford Cars images to their box.")
+    limit_train: int | None = Field(None, ge=1, le=10_000_000, description="Train subset size.")
+    limit_test: int | None = Field(None, ge=1, le=10_000_000, description="Test subset size.")
+    num_workers: int = Field(4, ge=0, le=64, description="DataLoader worker processes.")
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="A label for humans.")
+    tags: list[str] = Field(default_factory=list, max_length=20, description="Free labels.")
+    sweep_id: str | None = Field(None, pattern=NAME_PATTERN, description="Set by labctl sweep.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        for beta in betas:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError("each beta must be in [0, 1)")
+        return betas
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_are_short_words(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not re.fullmatch(r"[A-Za-z0-9._:=-]{1,50}", tag):
+                raise ValueError(f"tag {tag!r} must be 1-50 letters, digits or ._:=-")
+        return tags
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> JobSpec:
+        if self.model == "numpy-cnn":
+            if self.device.startswith("cuda"):
+                raise ValueError("device: numpy-cnn runs on the CPU only; use cpu or auto")
+            if self.amp:
+                raise ValueError("amp: applies to resnet50 only")
+        if self.num_classes is not None and self.dataset != "synthetic":
+            raise ValueError("num_classes: only the synthetic dataset takes a class count")
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError("warmup_epochs: must be smaller than epochs")
+        return self
+
+    # Resolved values: the spec keeps ``None`` so a stored spec says what the user asked for.
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def effective_image_size(self) -> int:
+        return self.image_size or NATIVE_IMAGE_SIZE[self.dataset]
+
+    @property
+    def effective_num_classes(self) -> int | None:
+        """Known before loading only for synthetic data; other datasets report theirs."""
+        return (self.num_classes or 10) if self.dataset == "synthetic" else None
+
+
+def check_runtime(spec: JobSpec, allowed_data_dir: str | None = None) -> None:
+    """Checks that need the host the job runs on. Raises :class:`SpecError`.
+
+    ``allowed_data_dir``: when set (the worker), ``data_root`` must resolve under it, so a
+    queued spec cannot make a worker read arbitrary paths.
+    """
+    if spec.dataset in FILE_DATASETS:
+        if not spec.data_root:
+            raise SpecError("data_root", f"required for dataset {spec.dataset!r} "
+                            "(pass --data-root or set LABCTL_DATA_DIR)")
+        root = Path(spec.data_root).expanduser().resolve()
+        if allowed_data_dir is not None:
+            allowed = Path(allowed_data_dir).expanduser().resolve()
+            if root != allowed and allowed not in root.parents:
+                raise SpecError("data_root", f"{spec.data_root} is outside the worker's data "
+                                f"directory {allowed}")
+        if not root.is_dir():
+            raise SpecError("data_root", f"{spec.data_root} does not exist or is not a folder")
+    if spec.device.startswith("cuda"):
+        import torch  # deferred: importing torch costs a second and the CLI rarely needs it
+
+        if not torch.cuda.is_available():
+            raise SpecError("device", f"{spec.device} requested but no CUDA device is present")
+        index = int(spec.device.split(":")[1]) if ":" in spec.device else 0
+        if index >= torch.cuda.device_count():
+            raise SpecError("device", f"{spec.device} requested but only "
+                            f"{torch.cuda.device_count()} CUDA device(s) are present")
+
+
+def first_error(exc: ValidationError) -> SpecError:
+    """Turn pydantic's report into one line naming the field and the problem."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or None
+    message = err["msg"].removeprefix("Value error, ")
+    # Cross-field rules name their field as "field: problem".
+    if field is None and ": " in message:
+        field, message = message.split(": ", 1)
+    if err["type"] == "extra_forbidden":
+        message = "unknown field"
+    return SpecError(field, message)
+
+
+def build_spec(values: dict[str, Any]) -> JobSpec:
+    """Validate a dict (from a file and/or flags) into a spec, or raise :class:`SpecError`."""
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(key, "must be a finite number")
+    try:
+        return JobSpec.model_validate(values)
+    except ValidationError as exc:
+        raise first_error(exc) from None
+
+
+def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or JSON spec file into a dict (not yet validated)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise SpecError(None, f"spec file {p} not found") from None
+    except OSError as exc:
+        raise SpecError(None, f"cannot read spec file {p}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        where = getattr(exc, "problem_mark", None) or exc
+        line = getattr(where, "line", None)
+        lineno = getattr(where, "lineno", None) or (line + 1 if line is not None else "?")
+        raise SpecError(None, f"spec file {p} is not valid {p.suffix.lstrip('.') or 'YAML'} "
+                        f"(line {lineno})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(None, f"spec file {p} must hold a mapping of field: value")
+    return data
+
+
+def spec_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()

@@ -1,0 +1,73 @@
+"""What the runner needs from a training engine, and the errors engines raise.
+
+Two engines implement :class:`Engine`: ``worker.numpy_engine.NumpyEngine`` (our NumPy CNN)
+and ``worker.torch_engine.TorchEngine`` (our ResNet50). The runner drives either one the
+same way, so checkpoints, metrics, cancel and resume behave identically for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+#: Called after every training batch with (batch_index from 1, batches in the epoch).
+#: It may raise :class:`JobCancelled` to stop the job between two batches.
+BatchCallback = Callable[[int, int], None]
+
+
+class JobCancelled(Exception):
+    """Raised from a batch callback when the user cancelled the job."""
+
+
+class TrainingDiverged(Exception):
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+        super().__init__(f"diverged at epoch {epoch}, batch {batch}: loss is NaN or inf")
+
+
+class DataError(Exception):
+    """Missing or malformed data: the message says which file was expected where."""
+
+
+@dataclass
+class TrainResult:
+    loss: float          # mean training loss over the epoch
+    images: int          # images seen
+    seconds: float       # wall time of the training pass alone
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    y_true: np.ndarray   # (N,) int labels
+    y_pred: np.ndarray   # (N,) int top-1 predictions
+    top5: float | None = None  # top-5 accuracy where the model has >5 classes
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    num_classes: int
+    train_size: int
+    test_size: int
+    class_names: list[str]
+    #: file names inside the job folder, e.g. "checkpoint.npz" / "model.npz"
+    checkpoint_name: str
+    weights_name: str
+
+    def train_one_epoch(self, epoch: int, on_batch: BatchCallback) -> TrainResult: ...
+
+    def evaluate(self) -> EvalResult: ...
+
+    def current_lr(self) -> float: ...
+
+    def save_checkpoint(self, path: Path, epoch: int, spec: dict) -> None:
+        """Write everything needed to resume after ``epoch`` (atomically)."""
+
+    def load_checkpoint(self, path: Path) -> int:
+        """Restore state and return the epoch the checkpoint was taken after."""
+
+    def save_weights(self, path: Path) -> None: ...

@@ -1,0 +1,243 @@
+"""The one way a job is executed: ``labctl run`` calls it in-process, the Celery task calls
+it in a worker. It owns the job folder: spec, status, metrics, checkpoints, plots, summary.
+
+    seed -> load data -> build engine -> resume? -> for each epoch:
+        train_one_epoch -> evaluate -> metrics.jsonl -> checkpoint (atomic) -> reporter
+    -> final weights, confusion matrix, plots, summary.json
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shared.artifacts import ArtifactStore, JobFolder, utc_now, write_json
+from shared.spec import JobSpec, SpecError, check_runtime
+from worker.engine import DataError, Engine, JobCancelled, TrainingDiverged
+from worker.evaluation import accuracy, confusion_matrix, f1_macro, per_class_accuracy
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class Reporter:
+    """Progress hooks. Subclasses print (CLI), update Redis (worker) or export metrics."""
+
+    def on_start(self, job_id: str, spec: JobSpec, info: dict[str, Any]) -> None: ...
+
+    def on_batch(self, epoch: int, batch: int, num_batches: int) -> None:
+        """Called after each batch; may raise :class:`JobCancelled`."""
+
+    def on_epoch(self, row: dict[str, Any]) -> None: ...
+
+    def on_end(self, state: str, result: dict[str, Any]) -> None: ...
+
+
+class Reporters(Reporter):
+    """Fan one event out to several reporters, in order."""
+
+    def __init__(self, *reporters: Reporter | None):
+        self.reporters = [r for r in reporters if r is not None]
+
+    def on_start(self, job_id, spec, info):
+        for r in self.reporters:
+            r.on_start(job_id, spec, info)
+
+    def on_batch(self, epoch, batch, num_batches):
+        for r in self.reporters:
+            r.on_batch(epoch, batch, num_batches)
+
+    def on_epoch(self, row):
+        for r in self.reporters:
+            r.on_epoch(row)
+
+    def on_end(self, state, result):
+        for r in self.reporters:
+            r.on_end(state, result)
+
+
+@dataclass
+class RunOutcome:
+    job_id: str
+    state: str                      # succeeded | failed | cancelled
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency, but numpy jobs need none
+        return
+    torch.manual_seed(seed)
+
+
+def build_engine(spec: JobSpec) -> Engine:
+    # Imported here: a numpy-cnn job should not pay for importing torch's engine, and the
+    # Celery parent process must not touch CUDA before forking.
+    if spec.model == "numpy-cnn":
+        from worker.numpy_engine import NumpyEngine
+
+        return NumpyEngine(spec)
+    from worker.torch_engine import TorchEngine
+
+    return TorchEngine(spec)
+
+
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    """The human-readable line for one epoch, shared by ``labctl run`` and ``labctl logs``."""
+    return (f"epoch {row['epoch']}/{epochs} train_loss={row['train_loss']:.4f} "
+            f"test_loss={row['test_loss']:.4f} acc={row['test_accuracy']:.4f} "
+            f"f1={row['test_f1_macro']:.4f} {row['epoch_seconds']:.1f}s "
+            f"{row['images_per_second']:.0f} img/s")
+
+
+def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter | None = None,
+            *, allowed_data_dir: str | None = None,
+            status_extra: dict[str, Any] | None = None) -> RunOutcome:
+    """Run ``spec`` to the end, resuming from the job's checkpoint if one exists.
+
+    Never raises for a failed job: the outcome (and status.json) says why. Only
+    ``KeyboardInterrupt`` is turned into ``cancelled`` and then re-raised, so Ctrl-C still
+    reaches the caller once the job folder is consistent.
+    """
+    reporter = reporter or Reporter()
+    folder = store.job(job_id).create()
+    write_json(folder.spec_path, spec.model_dump(mode="json"))
+    status = folder.read_status()
+    folder.update_status(state="running", started_at=status.get("started_at") or utc_now(),
+                         finished_at=None, error=None, epochs=spec.epochs,
+                         epoch=status.get("epoch", 0), **(status_extra or {}))
+    started = time.monotonic()
+    try:
+        summary = _train(spec, folder, reporter, allowed_data_dir, started)
+    except KeyboardInterrupt:
+        outcome = _finish(folder, reporter, "cancelled", "interrupted by the user")
+        raise KeyboardInterruptWithOutcome(outcome) from None
+    except JobCancelled:
+        return _finish(folder, reporter, "cancelled", "cancelled by the user")
+    except (SpecError, DataError, TrainingDiverged) as exc:
+        return _finish(folder, reporter, "failed", str(exc))
+    except Exception as exc:  # the job fails; the worker lives on to take the next one
+        log.exception("job %s crashed", job_id)
+        return _finish(folder, reporter, "failed", _describe_crash(exc, spec))
+    return _finish(folder, reporter, "succeeded", None, summary)
+
+
+class KeyboardInterruptWithOutcome(KeyboardInterrupt):
+    def __init__(self, outcome: RunOutcome):
+        super().__init__()
+        self.outcome = outcome
+
+
+def _describe_crash(exc: Exception, spec: JobSpec) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if "out of memory" in text.lower():
+        return (f"out of memory with batch_size={spec.batch_size}; "
+                f"try a smaller batch, e.g. --batch-size {max(1, spec.batch_size // 2)}")
+    return text.splitlines()[0][:500]
+
+
+def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None,
+            summary: dict[str, Any] | None = None) -> RunOutcome:
+    folder.update_status(state=state, error=error, finished_at=utc_now())
+    if error:
+        folder.log(f"{state}: {error}")
+    result = {"error": error, "summary": summary or {}}
+    try:
+        reporter.on_end(state, result)
+    except Exception:  # a broken reporter must not change the job's outcome
+        log.exception("reporter failed at the end of job %s", folder.job_id)
+    return RunOutcome(folder.job_id, state, error, summary or {})
+
+
+def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
+           allowed_data_dir: str | None, started: float) -> dict[str, Any]:
+    check_runtime(spec, allowed_data_dir)
+    seed_everything(spec.seed)
+    engine = build_engine(spec)
+    checkpoint = folder.path / engine.checkpoint_name
+    start_epoch = 0
+    if checkpoint.exists():
+        start_epoch = engine.load_checkpoint(checkpoint)
+        folder.keep_metrics_through(start_epoch)
+        folder.log(f"resumed from checkpoint after epoch {start_epoch}")
+    info = {"num_classes": engine.num_classes, "train_size": engine.train_size,
+            "test_size": engine.test_size, "start_epoch": start_epoch}
+    folder.update_status(**info)
+    reporter.on_start(folder.job_id, spec, info)
+
+    for epoch in range(start_epoch + 1, spec.epochs + 1):
+        lr = engine.current_lr()
+        trained = engine.train_one_epoch(
+            epoch, lambda b, n, e=epoch: reporter.on_batch(e, b, n))
+        if not math.isfinite(trained.loss):
+            raise TrainingDiverged(epoch, 0)
+        evaluated = engine.evaluate()
+        cm = confusion_matrix(evaluated.y_true, evaluated.y_pred, engine.num_classes)
+        row = {
+            "epoch": epoch,
+            "train_loss": trained.loss,
+            "test_loss": evaluated.loss,
+            "test_accuracy": accuracy(evaluated.y_true, evaluated.y_pred),
+            "test_f1_macro": f1_macro(cm),
+            "epoch_seconds": trained.seconds,
+            "images_per_second": trained.images / max(trained.seconds, 1e-9),
+            "lr": lr,
+        }
+        if evaluated.top5 is not None:
+            row["test_top5_accuracy"] = evaluated.top5
+        row.update(evaluated.extra)
+        # Checkpoint before the metrics row: a crash in between re-runs this epoch and the
+        # resume truncation keeps each epoch exactly once.
+        engine.save_checkpoint(checkpoint, epoch, spec.model_dump(mode="json"))
+        folder.append_metrics(row)
+        folder.log(epoch_line(row, spec.epochs))
+        folder.update_status(epoch=epoch, metrics=row)
+        reporter.on_epoch(row)
+
+    return _write_final_artefacts(spec, folder, engine, started)
+
+
+def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
+                           started: float) -> dict[str, Any]:
+    from worker import plots  # matplotlib import is slow; only finished jobs need it
+
+    engine.save_weights(folder.path / engine.weights_name)
+    evaluated = engine.evaluate()
+    cm = confusion_matrix(evaluated.y_true, evaluated.y_pred, engine.num_classes)
+    np.save(folder.path / "confusion_matrix.npy", cm)
+    rows = folder.read_metrics()
+    plots.write_job_plots(folder.plots_dir, rows, cm, engine.class_names)
+    final = rows[-1] if rows else {}
+    best = max(rows, key=lambda r: r["test_accuracy"]) if rows else {}
+    summary = {
+        "job_id": folder.job_id,
+        "model": spec.model,
+        "optimizer": spec.optimizer,
+        "dataset": spec.dataset,
+        "num_classes": engine.num_classes,
+        "train_size": engine.train_size,
+        "test_size": engine.test_size,
+        "epochs": spec.epochs,
+        "final": {k: v for k, v in final.items() if k.startswith("test_")},
+        "best": {"epoch": best.get("epoch"), "test_accuracy": best.get("test_accuracy"),
+                 "test_f1_macro": max((r["test_f1_macro"] for r in rows), default=None)},
+        "per_class_accuracy": dict(zip(engine.class_names, per_class_accuracy(cm), strict=True)),
+        "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in rows])) if rows else None,
+        "mean_images_per_second": (float(np.mean([r["images_per_second"] for r in rows]))
+                                   if rows else None),
+        "total_seconds": time.monotonic() - started,
+        "finished_at": utc_now(),
+    }
+    write_json(folder.summary_path, summary)
+    return summary
