@@ -12,6 +12,7 @@ from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
 from cli.spec_options import spec_options, to_spec
 from shared.artifacts import ArtifactStore, InvalidJobId, new_job_id
 from shared.settings import get_settings
+from shared.spec import SpecError, check_runtime
 from worker.runner import KeyboardInterruptWithOutcome, Reporter, epoch_line, run_job
 
 
@@ -79,6 +80,10 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
     else:
         spec = to_spec(spec_values)
         job_id = new_job_id()
+    try:  # host checks before a job folder exists: a typo in --data-root leaves no debris
+        check_runtime(spec)
+    except SpecError as exc:
+        raise BadSpec(str(exc)) from None
     try:
         outcome = run_job(spec, job_id, store, TerminalReporter(spec.epochs))
     except KeyboardInterruptWithOutcome:
@@ -86,6 +91,8 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
                    f"(resume with: labctl run --resume {job_id})", err=True)
         sys.exit(EXIT_INTERRUPTED)
     folder = store.job(job_id)
+    if outcome.failure == "input":  # missing data, like any bad spec, is the user's to fix
+        raise BadSpec(f"job {job_id} failed: {outcome.error}")
     if outcome.state != "succeeded":
         raise JobFailed(f"job {job_id} {outcome.state}: {outcome.error}")
     if as_json:

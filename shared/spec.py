@@ -209,8 +209,8 @@ def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         where = getattr(exc, "problem_mark", None) or exc
         line = getattr(where, "line", None)
         lineno = getattr(where, "lineno", None) or (line + 1 if line is not None else "?")
-        raise SpecError(None, f"spec file {p} is not valid {p.suffix.lstrip('.') or 'YAML'} "
-                        f"(line {lineno})") from None
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        raise SpecError(None, f"spec file {p} is not valid {kind} (line {lineno})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -69,6 +69,9 @@ class RunOutcome:
     state: str                      # succeeded | failed | cancelled
     error: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    #: why it did not succeed: "input" (bad spec or data: the user's to fix), "diverged",
+    #: "crash", "cancelled"; None on success
+    failure: str | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -121,15 +124,18 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
     try:
         summary = _train(spec, folder, reporter, allowed_data_dir, started)
     except KeyboardInterrupt:
-        outcome = _finish(folder, reporter, "cancelled", "interrupted by the user")
+        outcome = _finish(folder, reporter, "cancelled", "interrupted by the user",
+                          failure="cancelled")
         raise KeyboardInterruptWithOutcome(outcome) from None
     except JobCancelled:
-        return _finish(folder, reporter, "cancelled", "cancelled by the user")
-    except (SpecError, DataError, TrainingDiverged) as exc:
-        return _finish(folder, reporter, "failed", str(exc))
+        return _finish(folder, reporter, "cancelled", "cancelled by the user", failure="cancelled")
+    except (SpecError, DataError) as exc:
+        return _finish(folder, reporter, "failed", str(exc), failure="input")
+    except TrainingDiverged as exc:
+        return _finish(folder, reporter, "failed", str(exc), failure="diverged")
     except Exception as exc:  # the job fails; the worker lives on to take the next one
         log.exception("job %s crashed", job_id)
-        return _finish(folder, reporter, "failed", _describe_crash(exc, spec))
+        return _finish(folder, reporter, "failed", _describe_crash(exc, spec), failure="crash")
     return _finish(folder, reporter, "succeeded", None, summary)
 
 
@@ -148,7 +154,7 @@ def _describe_crash(exc: Exception, spec: JobSpec) -> str:
 
 
 def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None,
-            summary: dict[str, Any] | None = None) -> RunOutcome:
+            summary: dict[str, Any] | None = None, failure: str | None = None) -> RunOutcome:
     folder.update_status(state=state, error=error, finished_at=utc_now())
     if error:
         folder.log(f"{state}: {error}")
@@ -157,7 +163,7 @@ def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None
         reporter.on_end(state, result)
     except Exception:  # a broken reporter must not change the job's outcome
         log.exception("reporter failed at the end of job %s", folder.job_id)
-    return RunOutcome(folder.job_id, state, error, summary or {})
+    return RunOutcome(folder.job_id, state, error, summary or {}, failure)
 
 
 def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
