@@ -1,0 +1,83 @@
+"""Dataset loaders for both engines.
+
+``load_arrays(spec)`` gives in-memory float32 NCHW arrays (the NumPy engine);
+``build_torch_datasets(spec)`` gives picklable ``torch.utils.data.Dataset`` objects yielding
+``(image (3, S, S) float32, int label)`` (the torch engine). Missing or malformed files raise
+:class:`worker.engine.DataError` naming the file and where it was expected.
+
+Channels and normalisation per dataset (load_arrays):
+  digits     (N, 1, S, S)  [0,1] then train-split mean/std
+  mnist      (N, 1, S, S)  [0,1] then the usual MNIST mean/std (0.1307, 0.3081)
+  synthetic  (N, 3, S, S)  zero mean / unit std from the train split
+  stanford-cars, imagefolder  (N, 3, S, S)  ImageNet mean/std, resize shorter side + centre crop
+Torch datasets use the same arrays for digits/mnist/synthetic (grey repeated to 3 channels,
+resized per item to S); file datasets get RandomResizedCrop+flip (train) and
+Resize(S*256/224)+CenterCrop (test) with ImageNet normalisation.
+
+Decode cache (cache.py): ``load_arrays`` on Stanford Cars / imagefolder decodes each JPEG once
+into ``<dataset folder>/.labctl-cache`` (or ``$LABCTL_DATA_CACHE_DIR``; "off" disables), and
+later runs memory-map the pixels. The torch datasets use it when ``LABCTL_DECODE_CACHE=1``
+(images stored at shorter side S*256/224, transforms unchanged), so GPU epochs do not wait
+on JPEG decoding.
+
+Modules: types (containers), subset (seeded limits), arrays (digits, synthetic, resize),
+mnist (IDX files), samples (file lists, opening images), stanford_cars, imagefolder,
+images (file datasets -> arrays), cache, transforms, torch_datasets.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .types import ArrayDataset, ArraySplit, TorchDatasets
+
+if TYPE_CHECKING:
+    from shared.spec import JobSpec
+
+__all__ = ["ArrayDataset", "ArraySplit", "TorchDatasets", "load_arrays", "build_torch_datasets"]
+
+
+def load_arrays(spec: JobSpec) -> ArrayDataset:
+    """The dataset of ``spec`` as normalised float32 arrays at ``spec.effective_image_size``."""
+    return _load_arrays(spec, spec.effective_image_size)
+
+
+def _load_arrays(spec: JobSpec, image_size: int | None) -> ArrayDataset:
+    """``image_size=None``: the dataset's native size (digits 8, mnist 28, synthetic 32)."""
+    if image_size is None and spec.dataset in ("digits", "synthetic"):
+        from shared.spec import NATIVE_IMAGE_SIZE
+
+        image_size = NATIVE_IMAGE_SIZE[spec.dataset]
+    kw = dict(limit_train=spec.limit_train, limit_test=spec.limit_test, seed=spec.seed)
+    if spec.dataset == "digits":
+        from .arrays import load_digits_arrays
+
+        return load_digits_arrays(image_size, **kw)
+    if spec.dataset == "synthetic":
+        from .arrays import load_synthetic_arrays
+
+        return load_synthetic_arrays(image_size, spec.effective_num_classes, **kw)
+    if spec.dataset == "mnist":
+        from .mnist import load_mnist_arrays, load_mnist_raw
+
+        if image_size is None:
+            return load_mnist_raw(_root(spec), **kw)
+        return load_mnist_arrays(_root(spec), image_size, **kw)
+    from .images import load_image_arrays
+
+    return load_image_arrays(spec)
+
+
+def build_torch_datasets(spec: JobSpec) -> TorchDatasets:
+    """Torch datasets for ``spec`` (both splits, with their transforms)."""
+    from .torch_datasets import build
+
+    return build(spec)
+
+
+def _root(spec: JobSpec) -> str:
+    from worker.engine import DataError
+
+    if not spec.data_root:
+        raise DataError(f"dataset {spec.dataset!r} needs data_root (set LABCTL_DATA_DIR)")
+    return spec.data_root

@@ -1,0 +1,59 @@
+"""File datasets (Stanford Cars, imagefolder): finding the samples, and decoding to arrays."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .cache import cache_dir_for, decode_images
+from .samples import ImageSamples, ImageSource
+from .subset import TEST_STREAM, TRAIN_STREAM
+from .transforms import centre_crop, imagenet_normalise
+from .types import ArrayDataset, ArraySplit
+
+if TYPE_CHECKING:
+    from shared.spec import JobSpec
+
+#: Images converted to float per chunk, bounding the temporary uint8 copies.
+CHUNK = 512
+
+
+def load_image_source(spec: JobSpec) -> ImageSource:
+    """The (limit-subsetted) samples of spec.dataset under spec.data_root."""
+    from worker.engine import DataError
+
+    if not spec.data_root:
+        raise DataError(f"dataset {spec.dataset!r} needs data_root (set LABCTL_DATA_DIR)")
+    if spec.dataset == "stanford-cars":
+        from .stanford_cars import read_stanford_cars
+
+        source = read_stanford_cars(spec.data_root, crop_to_bbox=spec.crop_to_bbox)
+    elif spec.dataset == "imagefolder":
+        from .imagefolder import read_imagefolder
+
+        source = read_imagefolder(spec.data_root)
+    else:
+        raise ValueError(f"{spec.dataset} is not a file-of-images dataset")
+    return ImageSource(source.train.subset(spec.limit_train, spec.seed, TRAIN_STREAM),
+                       source.test.subset(spec.limit_test, spec.seed, TEST_STREAM),
+                       source.class_names, source.root)
+
+
+def decode_split(samples: ImageSamples, size: int, source: ImageSource) -> ArraySplit:
+    """Every image: shorter side resized to ``size``, centre-cropped to a square, ImageNet
+    normalised -> x (N, 3, size, size) float32."""
+    decoded = decode_images(samples, size, cache_dir_for(source.root))
+    x = np.empty((len(samples), 3, size, size), dtype=np.float32)
+    for start in range(0, len(samples), CHUNK):
+        stop = min(start + CHUNK, len(samples))
+        batch = np.stack([centre_crop(decoded[i], size) for i in range(start, stop)])
+        x[start:stop] = imagenet_normalise(batch)
+    return ArraySplit(x, samples.labels.astype(np.int64))
+
+
+def load_image_arrays(spec: JobSpec) -> ArrayDataset:
+    source = load_image_source(spec)
+    size = spec.effective_image_size
+    return ArrayDataset(decode_split(source.train, size, source),
+                        decode_split(source.test, size, source), source.class_names)

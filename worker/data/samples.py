@@ -1,0 +1,96 @@
+"""Lists of image files with labels (and optional boxes), and how to open one image."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from worker.engine import DataError
+
+from .subset import subset_indices
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class ImageSamples:
+    """One split as files on disk.
+
+    paths: N absolute file paths (str, so the object pickles small and fast).
+    labels: (N,) int64, 0-based.
+    boxes: (N, 4) int64 x1, y1, x2, y2 (1-based, inclusive, as in the Stanford devkit) or None.
+    """
+
+    paths: list[str]
+    labels: np.ndarray
+    boxes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, limit: int | None, seed: int, stream: int) -> ImageSamples:
+        idx = subset_indices(len(self), limit, seed, stream)
+        if len(idx) == len(self):
+            return self
+        return ImageSamples([self.paths[i] for i in idx], self.labels[idx],
+                            None if self.boxes is None else self.boxes[idx])
+
+
+@dataclass
+class ImageSource:
+    """Both splits of a file dataset, plus the class names (index = label)."""
+
+    train: ImageSamples
+    test: ImageSamples
+    class_names: list[str]
+    root: Path  # the folder the layout was found in (for messages and the decode cache)
+
+
+def crop_box(size: tuple[int, int], box: np.ndarray) -> tuple[int, int, int, int]:
+    """PIL crop rectangle (left, upper, right, lower) for a 1-based inclusive box, clamped
+    to the image so a box that overhangs by a pixel (it happens in the devkit) still works."""
+    w, h = size
+    x1, y1, x2, y2 = (int(v) for v in box)
+    left, upper = min(max(x1 - 1, 0), w - 1), min(max(y1 - 1, 0), h - 1)
+    right, lower = max(min(x2, w), left + 1), max(min(y2, h), upper + 1)
+    return left, upper, right, lower
+
+
+def open_rgb(path: str, box: np.ndarray | None = None, min_side: int | None = None) -> Image.Image:
+    """Open an image as RGB, cropped to ``box`` if given.
+
+    ``min_side``: the caller will shrink the (cropped) image so its shorter side is this
+    long; JPEGs are then decoded at a reduced DCT scale ("draft"), several times faster,
+    never below that size.
+    """
+    try:
+        img = Image.open(path)
+        if min_side and img.format == "JPEG":
+            w, h = img.size
+            region = (box[2] - box[0] + 1, box[3] - box[1] + 1) if box is not None else (w, h)
+            factor = min(region) / min_side
+            if factor >= 2:
+                img.draft("RGB", (math.ceil(w / factor), math.ceil(h / factor)))
+                if box is not None and img.size != (w, h):
+                    sx, sy = img.size[0] / w, img.size[1] / h
+                    box = np.array([(box[0] - 1) * sx + 1, (box[1] - 1) * sy + 1,
+                                    box[2] * sx, box[3] * sy]).round()
+        img.load()  # decode now, inside the try, so a corrupt file is reported by name
+        if img.mode != "RGB":  # convert() copies even RGB images: skip it when not needed
+            img = img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        p = Path(path)
+        raise DataError(f"cannot decode image {p.name} at {p.parent}: {exc}") from None
+    if box is not None:
+        img = img.crop(crop_box(img.size, box))
+    return img
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder`` (by extension), sorted by name."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
