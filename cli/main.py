@@ -13,6 +13,16 @@ COMMANDS = [
     ("cli.run", "run"),
     ("cli.spec_cmd", "validate"),
     ("cli.spec_cmd", "spec_group"),
+    ("cli.sweep", "sweep"),
+    ("cli.compare", "compare"),
+    ("cli.report", "report"),
+    ("cli.bench_cmd", "bench"),
+    ("cli.submit", "submit"),
+    ("cli.status", "status"),
+    ("cli.list_cmd", "list_jobs"),
+    ("cli.logs", "logs"),
+    ("cli.cancel", "cancel"),
+    ("cli.worker_cmd", "worker"),
 ]
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())

@@ -1,0 +1,75 @@
+"""The CLI's connection to Redis, and the errors every queue command shares.
+
+An unreachable broker is one line naming ``host:port`` (never the password) and exit 69,
+within about a second: the CLI uses short socket timeouts and no retry loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+
+from cli.errors import EXIT_USAGE, BrokerUnavailable, LabctlError, NotFound
+from shared.artifacts import InvalidJobId, validate_job_id
+from shared.records import JobRecords, connect
+from shared.settings import get_settings, redact_url, url_host
+
+#: Seconds the CLI waits for Redis before saying it is unreachable.
+CLI_TIMEOUT = 2.0
+
+
+class BadJobId(LabctlError):
+    exit_code = EXIT_USAGE
+
+
+def checked_job_id(job_id: str) -> str:
+    """Exit 2 for anything that is not a job id (``../etc``, spaces...), before any I/O."""
+    try:
+        return validate_job_id(job_id)
+    except InvalidJobId as exc:
+        raise BadJobId(str(exc)) from None
+
+
+def unavailable(exc: BaseException) -> BrokerUnavailable:
+    url = get_settings().redis_url
+    reason = str(exc).replace(url, redact_url(url)).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, redis.AuthenticationError) or "auth" in reason.lower():
+        what = "refused the credentials in LABCTL_REDIS_URL"
+    else:
+        what = "is unreachable"
+    detail = f" ({reason})" if reason and url_host(url) not in reason else ""
+    return BrokerUnavailable(f"Redis at {url_host(url)} {what}{detail}; is redis-server "
+                             "running and LABCTL_REDIS_URL right?")
+
+
+@contextmanager
+def broker_errors() -> Iterator[None]:
+    """Turn any Redis / kombu failure inside the block into one line: exit 69 when Redis
+    cannot be reached or refuses us, exit 1 for anything else it answers."""
+    try:
+        yield
+    except redis.ResponseError as exc:
+        if any(code in str(exc) for code in ("NOAUTH", "WRONGPASS", "LOADING")):
+            raise unavailable(exc) from None
+        raise LabctlError(f"Redis error: {exc}") from None
+    except (redis.RedisError, OSError) as exc:  # connection, timeout, auth, protocol
+        raise unavailable(exc) from None
+
+
+def open_records() -> JobRecords:
+    """Records on ``LABCTL_REDIS_URL``, checked with a ping so the error comes first."""
+    client = connect(get_settings().redis_url, timeout=CLI_TIMEOUT, retries=0)
+    with broker_errors():
+        client.ping()
+    return JobRecords(client)
+
+
+def get_record(records: JobRecords, job_id: str) -> dict[str, Any]:
+    with broker_errors():
+        record = records.get(job_id)
+    if record is None:
+        raise NotFound(f"no job {job_id}")
+    return record

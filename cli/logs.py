@@ -1,0 +1,66 @@
+"""``labctl logs JOB [--follow]``: the job's epoch lines, read from Redis (no shared volume)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import click
+
+from cli.broker import broker_errors, checked_job_id, open_records
+from cli.errors import EXIT_INTERRUPTED, NotFound
+from shared.artifacts import ArtifactStore
+from shared.records import TERMINAL_STATES, JobRecords
+from shared.settings import get_settings
+
+#: How often --follow / --wait ask Redis; a few cheap reads a second.
+POLL_SECONDS = 0.25
+
+
+def follow_log(records: JobRecords, job_id: str, emit: Callable[[str], None], *,
+               start: int = 0, follow: bool = True) -> str | None:
+    """Emit the job's log lines from ``start``; with ``follow``, keep emitting new ones until
+    the job ends. Returns the job's last state seen."""
+    seen = start
+    while True:
+        with broker_errors():
+            state = records.state(job_id)  # read before the lines: none is missed at the end
+            lines = records.read_log(job_id, seen)
+        for line in lines:
+            emit(line)
+        seen += len(lines)
+        if not follow or state is None or state in TERMINAL_STATES:
+            return state
+        time.sleep(POLL_SECONDS)
+
+
+@click.command("logs")
+@click.argument("job_id", metavar="JOB")
+@click.option("--follow", "-f", is_flag=True, help="keep printing new lines until the job ends")
+@click.option("--json", "as_json", is_flag=True,
+              help='print {"id", "state", "lines"} as JSON (with --follow: once it ends)')
+def logs(job_id: str, follow: bool, as_json: bool) -> None:
+    """Print a job's log: one line per epoch, plus starts, resumes and the outcome."""
+    job_id = checked_job_id(job_id)
+    records = open_records()
+    with broker_errors():
+        state = records.state(job_id)
+    lines: list[str] = []
+    emit = lines.append if as_json else click.echo
+    if state is None:
+        # A job run with `labctl run` has no record; its folder may still be here.
+        folder = ArtifactStore(get_settings().artifacts_dir).job(job_id)
+        if not folder.exists():
+            raise NotFound(f"no job {job_id}")
+        state = folder.read_status().get("state")
+        for line in folder.read_log():
+            emit(line)
+    else:
+        try:
+            state = follow_log(records, job_id, emit, follow=follow)
+        except KeyboardInterrupt:  # the usual way to leave --follow: no traceback
+            sys.exit(EXIT_INTERRUPTED)
+    if as_json:
+        click.echo(json.dumps({"id": job_id, "state": state, "lines": lines}, indent=2))

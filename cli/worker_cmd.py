@@ -1,0 +1,151 @@
+"""``labctl worker``: a Celery worker in the foreground, on the solo pool.
+
+``--concurrency N`` starts N solo workers as child processes rather than one prefork pool:
+each job then owns a whole process (one per GPU, no CUDA in a forking parent, metrics in the
+process that trains). Child i is named ``<name>i@host`` and serves metrics on ``P+i``; this
+process forwards SIGINT/SIGTERM/SIGQUIT to them and restarts a child that dies unexpectedly
+(its job, if any, is requeued by the reapers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import click
+
+from shared.settings import get_settings
+
+QUEUE_NAMES = ("cpu", "gpu")
+#: A child that dies sooner than this after starting is broken, not unlucky: don't loop.
+MIN_CHILD_UPTIME = 10.0
+
+
+def parse_queues(value: str) -> str:
+    queues = [q.strip() for q in value.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUE_NAMES]
+    if not queues or unknown:
+        raise click.BadParameter(f"choose from {', '.join(QUEUE_NAMES)} "
+                                 f"(got {', '.join(unknown) or 'nothing'})")
+    return ",".join(dict.fromkeys(queues))
+
+
+@click.command("worker")
+@click.option("--queues", "-Q", default="cpu,gpu", show_default=True,
+              callback=lambda _ctx, _param, value: parse_queues(value),
+              help="comma-separated queues to take jobs from")
+@click.option("--concurrency", "-c", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="solo worker processes to start (one job each)")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="serve Prometheus /metrics here (child i of --concurrency N: port+i) "
+                   "[$LABCTL_METRICS_PORT]")
+@click.option("--loglevel", "-l", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--hostname", "-n", default="labctl@%h", show_default=True,
+              help="node name (%h: this host); must be unique among running workers")
+def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: str,
+           hostname: str) -> None:
+    """Run a worker in the foreground until Ctrl-C / SIGTERM.
+
+    On SIGTERM the running job stops at its next batch and goes back to the queue; it
+    resumes from its last epoch checkpoint on the next free worker.
+    """
+    if metrics_port is None:
+        metrics_port = get_settings().metrics_port
+    if concurrency == 1:
+        run_solo_worker(queues, metrics_port, loglevel, hostname)
+    else:
+        sys.exit(supervise(queues, concurrency, metrics_port, loglevel, hostname))
+
+
+def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
+                    hostname: str) -> None:
+    # The worker_init hook in worker.app reads the port from the settings.
+    if metrics_port is not None:
+        os.environ["LABCTL_METRICS_PORT"] = str(metrics_port)
+        get_settings.cache_clear()
+    from worker.app import app
+
+    try:
+        app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues,
+                         "--hostname", hostname, "--loglevel", loglevel.upper(),
+                         # Mingle and gossip sync worker state we don't use; skipping them
+                         # makes a worker ready a second sooner.
+                         "--without-mingle", "--without-gossip"])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    # Celery has shut down cleanly (job handed back, connections closed). Skip the
+    # interpreter's teardown of torch and friends, which takes seconds: `docker stop`
+    # gives a container ten before SIGKILL.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def child_name(hostname: str, index: int) -> str:
+    name, _, host = hostname.partition("@")
+    return f"{name}{index}@{host or '%h'}"
+
+
+def child_command(queues: str, metrics_port: int | None, loglevel: str, hostname: str,
+                  index: int) -> list[str]:
+    command = [sys.executable, "-m", "cli.main", "worker", "--queues", queues,
+               "--concurrency", "1", "--loglevel", loglevel,
+               "--hostname", child_name(hostname, index)]
+    if metrics_port is not None:
+        command += ["--metrics-port", str(metrics_port + index - 1 if metrics_port else 0)]
+    return command
+
+
+def supervise(queues: str, concurrency: int, metrics_port: int | None, loglevel: str,
+              hostname: str) -> int:
+    """Start ``concurrency`` solo workers, forward signals, restart the ones that crash."""
+    commands = [child_command(queues, metrics_port, loglevel, hostname, i)
+                for i in range(1, concurrency + 1)]
+    children: dict[int, tuple[subprocess.Popen, float]] = {}
+    stopping: list[int] = []
+
+    def start(index: int) -> None:
+        # Own session: a terminal's Ctrl-C reaches this process only, which forwards it
+        # once (a second SIGINT would make Celery cold-stop the child mid-batch).
+        children[index] = (subprocess.Popen(commands[index - 1], start_new_session=True),
+                           time.monotonic())
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        for process, _ in children.values():
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, forward)
+    for index in range(1, concurrency + 1):
+        start(index)
+    click.echo(f"started {concurrency} solo workers on {queues}", err=True)
+
+    exit_code, broken = 0, False
+    while children:
+        time.sleep(0.5)
+        for index, (process, started) in list(children.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del children[index]
+            exit_code = max(exit_code, code if code > 0 else 1 if code < 0 else 0)
+            if stopping:
+                continue
+            if time.monotonic() - started < MIN_CHILD_UPTIME:
+                click.echo(f"labctl: worker {index} exited with {code} right after starting; "
+                           "stopping all", err=True)
+                broken = True
+                forward(signal.SIGTERM, None)
+                continue
+            click.echo(f"labctl: worker {index} exited with {code}; restarting it", err=True)
+            start(index)
+    return (exit_code or 1) if broken else exit_code

@@ -1,0 +1,75 @@
+"""Submitting jobs: routing, the job record and the Celery message, in one place shared by
+``labctl submit``, ``labctl sweep`` and the reaper.
+
+Celery is imported only when a message is sent; reading records needs Redis alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.artifacts import new_job_id, validate_job_id
+from shared.records import JobRecords, connect
+from shared.settings import get_settings
+from shared.spec import JobSpec
+
+
+class SubmitError(RuntimeError):
+    """The record was written but the message could not be sent; the record says failed."""
+
+
+def route_for(spec: JobSpec) -> str:
+    """``cpu`` or ``gpu``: the NumPy CNN never uses a GPU; ResNet50 does unless told not to."""
+    if spec.model == "numpy-cnn" or spec.device == "cpu":
+        return "cpu"
+    return "gpu"
+
+
+def submit_job(spec: JobSpec, *, records: JobRecords | None = None, app: Any = None,
+               queue: str | None = None, job_id: str | None = None) -> str:
+    """Queue ``spec`` and return its job id.
+
+    Writes the job record (state queued, attempt 1) before sending the message, so a worker
+    never receives a job it has no record of. ``records`` / ``app`` default to clients built
+    from ``LABCTL_REDIS_URL``. Raises ``redis.RedisError`` if Redis is unreachable and
+    :class:`SubmitError` if the message could not be sent.
+
+    The spec travels as given: a ``data_root`` left ``None`` is filled in by the worker from
+    its own ``LABCTL_DATA_DIR``, since the data lives where the job runs.
+    """
+    records = records or JobRecords(connect(get_settings().redis_url))
+    job_id = validate_job_id(job_id) if job_id else new_job_id()
+    queue = queue or route_for(spec)
+    records.create(job_id, spec, queue)
+    try:
+        enqueue(job_id, spec.model_dump(mode="json"), attempt=1, queue=queue, app=app)
+    except Exception as exc:
+        records.fail_unclaimed(job_id, f"could not be queued: {type(exc).__name__}: {exc}")
+        raise SubmitError(f"job {job_id} could not be queued: {exc}") from exc
+    return job_id
+
+
+_apps: dict[str, Any] = {}
+
+
+def celery_app() -> Any:
+    """The Celery app for the current ``LABCTL_REDIS_URL``: ``worker.app.app`` unless the
+    settings changed since it was built (tests, or a program talking to several stacks)."""
+    from worker.app import app, make_app
+
+    url = get_settings().redis_url
+    if app.conf.broker_url == url:
+        return app
+    if url not in _apps:
+        _apps[url] = make_app(url)
+    return _apps[url]
+
+
+def enqueue(job_id: str, spec: dict[str, Any], *, attempt: int, queue: str,
+            app: Any = None) -> None:
+    """Send the Celery message for ``attempt`` of a job whose record is already queued."""
+    from worker.app import TASK_NAME
+
+    app = app or celery_app()
+    app.send_task(TASK_NAME, args=[job_id, spec, attempt], queue=queue,
+                  task_id=f"{job_id}.{attempt}")

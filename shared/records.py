@@ -1,0 +1,345 @@
+"""Job records in Redis: the queue's source of truth, shared by the CLI and the worker.
+
+One Redis hash per job, ``labctl:job:<id>``; every field value is JSON, so numbers, None and
+the metrics dict keep their types. Updating a field is one ``HSET``: the heartbeat, the
+reporter and ``labctl cancel`` touch different fields and never lose each other's writes.
+Every state change that two processes could race on (claim, heartbeat, finish, requeue,
+cancel) is a Lua script, so Redis runs it atomically.
+
+Other keys:
+
+- ``labctl:jobs``               sorted set: job id -> creation time (``labctl list``)
+- ``labctl:jobs:running``       set of ids in state running (what the reaper scans)
+- ``labctl:job:<id>:lease``     the owner's liveness lease; it expires ``heartbeat_timeout``
+                                after the last heartbeat, measured by Redis' clock alone
+- ``labctl:job:<id>:log``       list of epoch lines (``labctl logs``, no shared volume needed)
+
+States: queued -> running -> succeeded | failed | cancelled, and running -> queued when the
+reaper requeues a job whose worker died (``attempts`` counts the dispatches).
+
+This module never imports torch or Celery: the CLI reads records without paying for either.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from shared.artifacts import validate_job_id
+from shared.spec import JobSpec
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+#: A job whose worker died this many times is failed instead of requeued again: a job that
+#: kills its worker (the kernel's OOM killer, a driver crash) must not take the fleet down.
+#: Hand-backs at a graceful shutdown do not count.
+MAX_WORKER_LOSSES = 3
+#: ``labctl logs`` keeps the last lines only; a 1000-epoch job stays well under it.
+MAX_LOG_LINES = 10_000
+
+INDEX_KEY = "labctl:jobs"
+RUNNING_KEY = "labctl:jobs:running"
+#: Fields a reader never needs: the lease token is an implementation detail.
+INTERNAL_FIELDS = ("owner",)
+
+
+def job_key(job_id: str) -> str:
+    return f"labctl:job:{validate_job_id(job_id)}"
+
+
+def lease_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:lease"
+
+
+def log_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:log"
+
+
+def now_iso() -> str:
+    """UTC with milliseconds: queue latency is measured from these stamps."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def parse_iso(stamp: str | None) -> float | None:
+    return datetime.fromisoformat(stamp).timestamp() if stamp else None
+
+
+def connect(url: str, *, timeout: float = 5.0, retries: int = 3) -> redis.Redis:
+    """A client whose calls fail within about ``timeout`` seconds per try.
+
+    The worker keeps the default retries, which ride over a Redis restart; the CLI passes
+    ``retries=0`` and a short timeout so an unreachable broker is reported at once.
+    """
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries),
+        health_check_interval=30, decode_responses=True,
+    )
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, str]:
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in fields.items()}
+
+
+def _decode(raw: dict[str, str]) -> dict[str, Any]:
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:  # a field someone set by hand: show it as it is
+            out[key] = value
+    return out
+
+
+def _flat(fields: dict[str, Any]) -> list[str]:
+    """``{a: 1}`` -> ``["a", "1"]``: field/value pairs for HSET inside a script."""
+    return [item for pair in _encode(fields).items() for item in pair]
+
+
+# Values as stored (JSON), for comparisons inside the scripts.
+_RUNNING, _QUEUED, _TRUE = json.dumps("running"), json.dumps("queued"), json.dumps(True)
+_TERMINAL_LUA = " or ".join(f"state == '{json.dumps(s)}'" for s in TERMINAL_STATES)
+
+# KEYS: record, lease, running set. ARGV: job id, attempt, owner (JSON), lease ms, now
+# (JSON), fields to set on a claim (pairs...). A message is run only if its attempt is the
+# record's current one and the job is still queued: a redelivered or duplicated message is
+# a no-op. ``started_at`` keeps the first attempt's start; ``attempt_started_at`` the latest.
+_CLAIM = f"""
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if {_TERMINAL_LUA} then return 'terminal' end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
+if tonumber(ARGV[2]) ~= attempts then return 'stale' end
+if state ~= '{_QUEUED}' then return 'busy' end
+local started = redis.call('HGET', KEYS[1], 'started_at')
+if not started or started == 'null' then redis.call('HSET', KEYS[1], 'started_at', ARGV[5]) end
+redis.call('HSET', KEYS[1], 'state', '{_RUNNING}', 'owner', ARGV[3],
+           'attempt_started_at', ARGV[5], 'heartbeat_at', ARGV[5], unpack(ARGV, 6))
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 'claimed'
+"""
+
+# KEYS: record, lease. ARGV: owner, lease ms, heartbeat fields (pairs...).
+# Returns 0 if the job is no longer ours (requeued while we were stalled), 1 alive,
+# 2 alive but the user asked to cancel.
+_HEARTBEAT = f"""
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
+   or redis.call('HGET', KEYS[1], 'state') ~= '{_RUNNING}' then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '{_TRUE}' then return 2 end
+return 1
+"""
+
+# KEYS: record, lease, running set. ARGV: job id, owner, fields (pairs...).
+# Writes only if we still own the job: a worker that lost its lease must not overwrite the
+# record of the attempt that replaced it.
+_UPDATE_OWNED = f"""
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2]
+   or redis.call('HGET', KEYS[1], 'state') ~= '{_RUNNING}' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= '{_RUNNING}' then
+  redis.call('DEL', KEYS[2])
+  redis.call('SREM', KEYS[3], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: record, lease, running set. ARGV: job id, max attempts, now (JSON), owner (JSON) or ''.
+# With an owner: that worker hands its job back (graceful shutdown). Without: the reaper
+# requeues a running job whose lease expired. Either way the job is queued again with
+# attempts + 1, exactly once however many reapers race, and the caller sends the message.
+_REQUEUE = f"""
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= '{_RUNNING}' then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  return {{'not-running'}}
+end
+if ARGV[4] ~= '' then
+  if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[4] then return {{'not-owner'}} end
+elseif redis.call('EXISTS', KEYS[2]) == 1 then
+  return {{'alive'}}
+end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '{_TRUE}' then
+  redis.call('HSET', KEYS[1], 'state', '{json.dumps("cancelled")}', 'finished_at', ARGV[3],
+             'error', '{json.dumps("cancelled by the user")}', 'owner', 'null')
+  return {{'cancelled'}}
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
+if ARGV[4] == '' then
+  local lost = tonumber(redis.call('HGET', KEYS[1], 'workers_lost') or '0') + 1
+  redis.call('HSET', KEYS[1], 'workers_lost', tostring(lost))
+  if lost >= tonumber(ARGV[2]) then
+    local why = '"worker lost ' .. lost .. ' times; not retrying"'
+    redis.call('HSET', KEYS[1], 'state', '{json.dumps("failed")}', 'finished_at', ARGV[3],
+               'error', why, 'owner', 'null')
+    return {{'failed'}}
+  end
+end
+redis.call('HSET', KEYS[1], 'state', '{_QUEUED}', 'attempts', tostring(attempts + 1),
+           'requeued_at', ARGV[3], 'owner', 'null')
+return {{'requeued', attempts + 1}}
+"""
+
+# KEYS: record. ARGV: now (JSON). Queued -> cancelled at once (the task will skip it);
+# running -> a flag the worker polls each batch. Returns the state found.
+_CANCEL = f"""
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'missing' end
+if state == '{_QUEUED}' then
+  redis.call('HSET', KEYS[1], 'state', '{json.dumps("cancelled")}', 'finished_at', ARGV[1],
+             'error', '{json.dumps("cancelled by the user before it started")}',
+             'cancel_requested', '{_TRUE}')
+elseif state == '{_RUNNING}' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '{_TRUE}')
+end
+return cjson.decode(state)
+"""
+
+
+class JobRecords:
+    """Read and change job records. Thread-safe (redis-py clients are)."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self._claim = client.register_script(_CLAIM)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._update_owned = client.register_script(_UPDATE_OWNED)
+        self._requeue = client.register_script(_REQUEUE)
+        self._cancel = client.register_script(_CANCEL)
+
+    @classmethod
+    def from_url(cls, url: str, **connect_options: Any) -> JobRecords:
+        return cls(connect(url, **connect_options))
+
+    # --- creation and reading ------------------------------------------------------------
+
+    def create(self, job_id: str, spec: JobSpec, queue: str) -> dict[str, Any]:
+        """The record of a job about to be sent to ``queue`` (attempt 1)."""
+        created = time.time()
+        record = {
+            "id": job_id, "state": "queued", "queue": queue, "attempts": 1,
+            "created_at": now_iso(), "started_at": None, "finished_at": None,
+            "epoch": 0, "epochs": spec.epochs, "metrics": None, "error": None,
+            "worker": None, "artifacts": None, "cancel_requested": False,
+            "model": spec.model, "optimizer": spec.optimizer, "dataset": spec.dataset,
+            "name": spec.name, "tags": list(spec.tags), "sweep_id": spec.sweep_id,
+            "spec": spec.model_dump(mode="json"),
+        }
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(job_key(job_id), mapping=_encode(record))
+        pipe.zadd(INDEX_KEY, {job_id: created})
+        pipe.execute()
+        return record
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.client.hgetall(job_key(job_id))
+        if not raw:
+            return None
+        record = _decode(raw)
+        for field in INTERNAL_FIELDS:
+            record.pop(field, None)
+        return record
+
+    def state(self, job_id: str) -> str | None:
+        value = self.client.hget(job_key(job_id), "state")
+        return json.loads(value) if value else None
+
+    def list(self, state: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Newest first; with ``state``, the newest ``limit`` jobs in that state."""
+        found: list[dict[str, Any]] = []
+        page, start = max(limit, 50), 0
+        while len(found) < limit:
+            ids = self.client.zrevrange(INDEX_KEY, start, start + page - 1)
+            if not ids:
+                break
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(job_key(job_id))
+            for raw in pipe.execute():
+                if raw:
+                    record = _decode(raw)
+                    for field in INTERNAL_FIELDS:
+                        record.pop(field, None)
+                    if state is None or record.get("state") == state:
+                        found.append(record)
+            start += page
+        return found[:limit]
+
+    def running_ids(self) -> list[str]:
+        return sorted(self.client.smembers(RUNNING_KEY))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.client.hget(job_key(job_id), "cancel_requested") == _TRUE
+
+    # --- the lifecycle (called by the worker) -------------------------------------------
+
+    def claim(self, job_id: str, attempt: int, owner: str, lease_seconds: float,
+              **fields: Any) -> str:
+        """Try to start ``attempt`` of a queued job. Returns ``claimed``, or why not:
+        ``missing``, ``terminal``, ``stale`` (an older attempt's message) or ``busy``."""
+        return self._claim(
+            keys=[job_key(job_id), lease_key(job_id), RUNNING_KEY],
+            args=[job_id, attempt, json.dumps(owner), int(lease_seconds * 1000),
+                  json.dumps(now_iso()), *_flat(fields)])
+
+    def heartbeat(self, job_id: str, owner: str, lease_seconds: float) -> int:
+        """Renew the lease. 0: lost (no longer ours), 1: alive, 2: alive, cancel requested."""
+        return int(self._heartbeat(
+            keys=[job_key(job_id), lease_key(job_id)],
+            args=[json.dumps(owner), int(lease_seconds * 1000),
+                  *_flat({"heartbeat_at": now_iso()})]))
+
+    def update_owned(self, job_id: str, owner: str, **fields: Any) -> bool:
+        """Set fields if ``owner`` still runs the job; a terminal ``state`` also releases it."""
+        return bool(self._update_owned(keys=[job_key(job_id), lease_key(job_id), RUNNING_KEY],
+                                       args=[job_id, json.dumps(owner), *_flat(fields)]))
+
+    def requeue_if_dead(self, job_id: str, max_losses: int = MAX_WORKER_LOSSES) -> tuple[str, int]:
+        """The reaper's step for one running job: ``(outcome, new attempt)``, outcome one of
+        requeued | alive | not-running | cancelled | failed."""
+        return self._requeue_result(job_id, max_losses, owner="")
+
+    def release(self, job_id: str, owner: str) -> tuple[str, int]:
+        """Hand a running job back to the queue (our worker is shutting down)."""
+        return self._requeue_result(job_id, MAX_WORKER_LOSSES, owner=json.dumps(owner))
+
+    def _requeue_result(self, job_id: str, max_losses: int, owner: str) -> tuple[str, int]:
+        result = self._requeue(keys=[job_key(job_id), lease_key(job_id), RUNNING_KEY],
+                               args=[job_id, max_losses, json.dumps(now_iso()), owner])
+        return str(result[0]), int(result[1]) if len(result) > 1 else 0
+
+    def fail_unclaimed(self, job_id: str, error: str) -> None:
+        """A queued job whose message can never run (e.g. it could not be sent)."""
+        self.client.hset(job_key(job_id), mapping=_encode(
+            {"state": "failed", "error": error, "finished_at": now_iso()}))
+
+    # --- cancel --------------------------------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> str:
+        """Returns the state the job was in: ``missing``, ``queued`` (now cancelled),
+        ``running`` (flagged; its worker stops it at the next batch) or a terminal state."""
+        return str(self._cancel(keys=[job_key(job_id)], args=[json.dumps(now_iso())]))
+
+    # --- logs ----------------------------------------------------------------------------
+
+    def append_log(self, job_id: str, *lines: str) -> None:
+        if not lines:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rpush(log_key(job_id), *lines)
+        pipe.ltrim(log_key(job_id), -MAX_LOG_LINES, -1)
+        pipe.execute()
+
+    def read_log(self, job_id: str, start: int = 0) -> list[str]:
+        return self.client.lrange(log_key(job_id), start, -1)

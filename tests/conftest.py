@@ -1,0 +1,60 @@
+"""Fixtures shared across the suite. Process helpers live in tests/procs.py.
+
+Integration fixtures start a private ``redis-server`` on a free port (never the shared one
+on 6379) and skip the test when ``redis-server`` is not installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from procs import RedisServer, redis_server_available
+
+from shared.settings import get_settings
+
+
+def _start_redis(directory: Path, **options) -> RedisServer:
+    if not redis_server_available():
+        pytest.skip("redis-server is not installed")
+    return RedisServer(directory, **options).start()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server (append-only, in tmp_path) for one test."""
+    server = _start_redis(tmp_path / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server shared by one test module (e.g. with long-lived workers)."""
+    server = _start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def labctl_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Point this process' labctl settings somewhere: ``labctl_env(redis_url=..., ...)``.
+
+    Sets ``LABCTL_<NAME>`` for each keyword, defaults the artefact and data dirs into
+    tmp_path, and clears the cached settings before and after the test.
+    """
+
+    def configure(**values: object) -> dict[str, str]:
+        env = {"LABCTL_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+               "LABCTL_DATA_DIR": str(tmp_path / "data")}
+        env.update({f"LABCTL_{key.upper()}": str(value) for key, value in values.items()})
+        Path(env["LABCTL_DATA_DIR"]).mkdir(parents=True, exist_ok=True)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        get_settings.cache_clear()
+        return env
+
+    get_settings.cache_clear()
+    yield configure
+    get_settings.cache_clear()

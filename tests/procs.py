@@ -1,0 +1,222 @@
+"""Real processes for integration tests: a private ``redis-server`` and labctl workers.
+
+Every test server listens on a free port with its files in a temp dir, so tests never touch
+a Redis someone else is using (the shared one on 6379 included). Reused by the queue,
+metrics and Prometheus tests::
+
+    from procs import RedisServer, WorkerProcess, free_port
+
+    with RedisServer(tmp_path / "redis") as server:
+        worker = WorkerProcess(server.url, tmp_path / "w1.log", env=job_env).start()
+        worker.wait_ready()
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def redis_server_available() -> bool:
+    return shutil.which("redis-server") is not None
+
+
+def stop_all(workers: list[WorkerProcess]) -> None:
+    """Stop several workers at once: their warm shutdowns overlap instead of adding up."""
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.stop()
+
+
+class RedisServer:
+    """A ``redis-server`` on a free port, data in ``directory``; ``restart()`` keeps the port
+    and (with ``appendonly``) the data, like a crashed or redeployed Redis."""
+
+    def __init__(self, directory: Path, *, port: int | None = None, appendonly: bool = True,
+                 password: str | None = None):
+        self.directory = Path(directory)
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.password = password
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self, **options: Any) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True, **options)
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.directory), "--save", "", "--daemonize", "no",
+                "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "always" if self.appendonly else "no",
+                "--protected-mode", "no", "--loglevel", "warning",
+                "--logfile", str(self.directory / "redis.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(self._pings, timeout, what=f"redis-server on port {self.port}")
+        return self
+
+    def _pings(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.process.returncode}: "
+                               f"{self.log_text()[-2000:]}")
+        try:
+            return bool(self.client(socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop (SIGTERM: Redis flushes its append-only file first)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, downtime: float = 0.0) -> None:
+        self.stop()
+        time.sleep(downtime)
+        self.start()
+
+    def log_text(self) -> str:
+        try:
+            return (self.directory / "redis.log").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class WorkerProcess:
+    """``labctl worker`` in a subprocess (the solo pool: the job runs in this very process,
+    so ``kill()`` is a SIGKILL of the job too). Output goes to ``log_path``."""
+
+    def __init__(self, redis_url: str, log_path: Path, *, name: str = "w1",
+                 queues: str = "cpu,gpu", env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None):
+        self.redis_url, self.log_path = redis_url, Path(log_path)
+        self.name, self.queues = name, queues
+        self.env = env or {}
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}@{socket.gethostname()}"
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, "LABCTL_REDIS_URL": self.redis_url, "PYTHONUNBUFFERED": "1",
+               # two workers on two cores: one BLAS thread each, no oversubscription
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               **self.env}
+        args = [sys.executable, "-m", "cli.main", "worker", "--queues", self.queues,
+                "--hostname", f"{self.name}@%h", "--loglevel", "info", *self.extra_args]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log_file,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        log_file.close()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> WorkerProcess:
+        def ready() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"worker {self.name} exited:\n{self.log_text()[-3000:]}")
+            return " ready." in self.log_text()
+
+        wait_for(ready, timeout, interval=0.1, what=f"worker {self.name} to be ready")
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no handback, exactly like an OOM kill or a lost machine."""
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def terminate(self) -> None:
+        """Send SIGTERM (warm shutdown: a running job is handed back) without waiting."""
+        if self.alive():
+            self.process.terminate()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (warm shutdown), then SIGKILL of the whole group if it lingers."""
+        if self.process is None:
+            return
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the group we created, and only it
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

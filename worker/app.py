@@ -1,0 +1,196 @@
+"""The Celery app: ``celery -A worker.app worker --pool solo -Q cpu,gpu`` (or ``labctl worker``).
+
+The CLI imports this module to send tasks, so it must stay light: no torch, no engines.
+The task module is listed in ``include`` and imported by the worker only.
+
+Why the solo pool: a job owns its device (a GPU, or every core through BLAS), so one job per
+process is all the concurrency we want; more workers means more processes (``labctl worker
+--concurrency N`` starts N of them). Solo also means no fork, so CUDA is never initialised in
+a parent that forks, a SIGKILL of the worker kills its job with it (no orphan keeps training
+and writing checkpoints), and the process that trains is the one serving ``/metrics``.
+See docs/queue.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from urllib.parse import urlsplit
+
+from celery import Celery, signals
+from celery.exceptions import CPendingDeprecationWarning
+from kombu import Exchange, Queue
+from kombu.transport import redis as kombu_redis
+
+from shared.settings import get_settings, redact_url
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "labctl.run_job"
+QUEUES = ("cpu", "gpu")
+#: Fast socket timeouts: a dead Redis is noticed in seconds, and then retried.
+SOCKET_TIMEOUT = 10.0
+
+
+class GuardedRedisChannel(kombu_redis.Channel):
+    """Drops a message that kombu or Celery cannot even parse, instead of dying or stalling.
+
+    kombu pops a message off the Redis list and parses its JSON envelope before Celery sees
+    it: text that is not JSON, or JSON that is not an envelope, raises there and Celery stops
+    the worker ("Unrecoverable error"). An envelope naming our task with a body Celery cannot
+    unpack raises after the message was marked unacked, and with a prefetch of one the worker
+    then waits forever for its ack. Anyone who can write to Redis could stop every worker
+    with one LPUSH. Both cases are logged and the message dropped; messages Celery can read
+    but our task cannot (bad arguments, bad spec) are rejected by the task itself.
+    """
+
+    def _brpop_read(self, **options):
+        try:
+            return super()._brpop_read(**options)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Raised before the message reached Celery: it is off the list, nothing to ack.
+            log.error("rejected malformed message (not a kombu JSON envelope): %s: %s",
+                      type(exc).__name__, exc)
+            return True  # consumed; the poller issues the next BRPOP
+
+    def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        connection_errors = self.connection.connection_errors + self.connection.channel_errors
+
+        def guarded(message):
+            try:
+                return callback(message)
+            except connection_errors:
+                raise  # Celery reconnects; the message stays unacked for redelivery
+            except Exception as exc:
+                log.error("rejected malformed message %s: %s: %s",
+                          message.headers.get("id") if isinstance(message.headers, dict)
+                          else "?", type(exc).__name__, exc)
+                if not message.acknowledged:
+                    message.reject(requeue=False)
+
+        return super().basic_consume(queue, no_ack, guarded, consumer_tag, **kwargs)
+
+
+class GuardedRedisTransport(kombu_redis.Transport):
+    Channel = GuardedRedisChannel
+
+
+def make_app(redis_url: str | None = None) -> Celery:
+    """The app for ``redis_url`` (default: ``LABCTL_REDIS_URL``)."""
+    redis_url = redis_url or get_settings().redis_url
+    app = Celery("labctl", broker=redis_url, backend=redis_url, include=["worker.tasks"])
+    if urlsplit(redis_url).scheme == "redis":
+        app.conf.broker_transport = "worker.app:GuardedRedisTransport"
+    app.conf.update(
+        # JSON only: a message can never make a worker unpickle attacker-chosen bytes.
+        accept_content=["json"], result_accept_content=["json"],
+        task_serializer="json", result_serializer="json",
+        # Each queue its own exchange and routing key: without them kombu fills in the
+        # default queue's, and a message sent to "gpu" would land on "cpu".
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name)
+                     for name in QUEUES],
+        task_default_queue="cpu", task_default_exchange="cpu", task_default_routing_key="cpu",
+        task_create_missing_queues=False,
+        # Ack after the job, so a worker that dies mid-job has not consumed the message;
+        # recovery itself is the reaper's job (heartbeats), see worker/reaper.py.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        # One job at a time per worker process: never hoard a second message behind a
+        # two-hour job while another worker sits idle.
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
+        # Our own lease decides whether a job is alive; a broker hiccup must not kill it.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,  # a worker waits for Redis forever
+        broker_channel_error_retry=True,
+        broker_transport_options={
+            # kombu re-delivers unacked messages after this long whether or not the job is
+            # still running; the task's claim check makes such a redelivery a no-op.
+            "visibility_timeout": 3600,
+            "socket_timeout": SOCKET_TIMEOUT,
+            "socket_connect_timeout": SOCKET_TIMEOUT,
+            "retry_on_timeout": True,
+            "health_check_interval": 30,
+        },
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
+        result_backend_max_sleep_between_retries_ms=2000,
+        redis_socket_timeout=SOCKET_TIMEOUT,
+        redis_socket_connect_timeout=SOCKET_TIMEOUT,
+        redis_retry_on_timeout=True,
+        result_expires=7 * 24 * 3600,
+        task_publish_retry_policy={"max_retries": 5, "interval_start": 0,
+                                   "interval_step": 0.5, "interval_max": 2},
+    )
+    return app
+
+
+app = make_app()
+
+
+@signals.celeryd_after_setup.connect
+def _prepare_worker(sender=None, **_kwargs) -> None:
+    """Runs once in the worker process, after logging is set up and before it takes jobs."""
+    settings = get_settings()
+    # Celery warns on every reconnect that worker_cancel_long_running_tasks_on_connection_loss
+    # will default to True in 6.0. We set it explicitly, so the warning is noise. (Installed
+    # here: Celery's logging setup turns its pending-deprecation warnings back on.)
+    warnings.filterwarnings("ignore", category=CPendingDeprecationWarning,
+                            module=r"celery\.worker\.consumer\.consumer")
+    log.info("labctl worker: broker %s, artifacts %s, data %s",
+             redact_url(settings.redis_url), settings.artifacts_dir, settings.data_dir)
+    if settings.heartbeat_timeout_seconds < 2 * settings.heartbeat_seconds:
+        log.warning("LABCTL_HEARTBEAT_TIMEOUT_SECONDS (%s) should be at least twice "
+                    "LABCTL_HEARTBEAT_SECONDS (%s), or healthy jobs get requeued",
+                    settings.heartbeat_timeout_seconds, settings.heartbeat_seconds)
+    start_metrics_if_configured(settings.metrics_port, settings.redis_url)
+    # Pay for importing torch and the engines now rather than inside the first job. Importing
+    # torch does not initialise CUDA, and with the solo pool nothing forks after this anyway.
+    threading.Thread(target=_preload_engines, name="labctl-preload", daemon=True).start()
+
+
+@signals.worker_ready.connect
+def _start_reaper(sender=None, **_kwargs) -> None:
+    from worker.reaper import start_reaper
+
+    start_reaper(app)
+
+
+@signals.worker_shutting_down.connect
+def _hand_back_running_job(sig=None, how=None, exitcode=None, **_kwargs) -> None:
+    """Warm shutdown (SIGTERM, e.g. ``docker stop``): instead of making the caller wait for
+    a job that may take hours, stop it at the next batch and requeue it at once; it resumes
+    from its last epoch checkpoint on the next free worker."""
+    from worker.queue_reporter import request_handback
+
+    request_handback(f"worker shutting down ({sig})")
+
+
+def start_metrics_if_configured(port: int | None, redis_url: str) -> None:
+    """The one hook that starts /metrics (``shared.metrics`` may be absent in a slim build)."""
+    if port is None:
+        return
+    try:
+        from shared.metrics import start_metrics_server
+    except ImportError:
+        log.warning("metrics port %s requested but shared.metrics is not installed", port)
+        return
+    try:
+        start_metrics_server(port, redis_url)
+    except OSError as exc:  # the worker still trains; only its metrics are missing
+        log.error("cannot serve metrics on port %s: %s", port, exc)
+
+
+def _preload_engines() -> None:
+    try:
+        import torch  # noqa: F401
+
+        import worker.numpy_engine  # noqa: F401
+        import worker.plots  # noqa: F401  (matplotlib: a second on a small machine)
+    except Exception:  # a broken import shows up, with its traceback, in the first job
+        log.debug("preloading the engines failed", exc_info=True)

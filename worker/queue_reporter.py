@@ -1,0 +1,167 @@
+"""The runner's Reporter for queued jobs: mirrors progress into the job's Redis record,
+pushes epoch lines for ``labctl logs``, and stops the job between two batches when the user
+cancels it or the job must be handed back.
+
+Redis trouble never fails a job: a write that cannot reach Redis is retried for a while and
+then dropped (the artefact folder still has everything); log lines are buffered until Redis
+answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from shared.records import JobRecords, now_iso
+from shared.spec import JobSpec
+from worker.engine import JobCancelled
+from worker.reaper import Heartbeat
+from worker.runner import Reporter, epoch_line
+
+log = logging.getLogger(__name__)
+
+#: Don't ask Redis more often than this from the training loop; NumPy batches take ~1 ms.
+CANCEL_POLL_SECONDS = 0.2
+#: How long the final record update keeps retrying while Redis is down.
+FINAL_WRITE_SECONDS = 30.0
+
+
+class JobReleased(BaseException):  # noqa: N818 - a control-flow signal, like SystemExit
+    """This worker gives the job up without finishing it: the lease was lost, or the worker
+    is shutting down. A ``BaseException`` so the runner does not mark the job failed or
+    cancelled: the artefact folder is left as it is, for the next attempt to resume."""
+
+    def __init__(self, reason: str, *, lost: bool):
+        super().__init__(reason)
+        self.reason, self.lost = reason, lost
+
+
+_handback = threading.Event()
+_handback_reason = ["worker shutting down"]
+
+
+def request_handback(reason: str) -> None:
+    """Ask the running job (if any) to stop at its next batch and go back to the queue.
+    Safe from a signal handler: it only sets a flag."""
+    _handback_reason[0] = reason
+    _handback.set()
+
+
+class QueueReporter(Reporter):
+    def __init__(self, records: JobRecords, job_id: str, owner: str, heartbeat: Heartbeat,
+                 *, clock: Callable[[], float] = time.monotonic):
+        self.records, self.job_id, self.owner = records, job_id, owner
+        self.heartbeat = heartbeat
+        self.epochs = 0
+        self._clock = clock
+        self._last_poll = clock()
+        self._pending_lines: list[str] = []
+
+    # --- Reporter hooks ------------------------------------------------------------------
+
+    def on_start(self, job_id: str, spec: JobSpec, info: dict[str, Any]) -> None:
+        self.epochs = spec.epochs
+        if info.get("start_epoch"):
+            self._log(f"resumed from checkpoint after epoch {info['start_epoch']}")
+        self._update(num_classes=info.get("num_classes"), train_size=info.get("train_size"),
+                     test_size=info.get("test_size"), start_epoch=info.get("start_epoch", 0))
+
+    def on_batch(self, epoch: int, batch: int, num_batches: int) -> None:
+        if _handback.is_set():
+            raise JobReleased(_handback_reason[0], lost=False)
+        if self.heartbeat.lost.is_set():
+            raise JobReleased("lease lost to another attempt", lost=True)
+        if self.heartbeat.cancel_requested.is_set():
+            raise JobCancelled()
+        now = self._clock()
+        if now - self._last_poll < CANCEL_POLL_SECONDS:
+            return
+        self._last_poll = now
+        try:
+            if self.records.cancel_requested(self.job_id):
+                raise JobCancelled()
+        except redis.RedisError:
+            pass  # the heartbeat thread reports outages; training goes on meanwhile
+
+    def on_epoch(self, row: dict[str, Any]) -> None:
+        self._log(epoch_line(row, self.epochs))
+        self._update(epoch=row["epoch"], metrics=row, updated_at=now_iso())
+
+    def on_end(self, state: str, result: dict[str, Any]) -> None:
+        self.heartbeat.stop()  # before the final write, which ends the lease
+        error = result.get("error")
+        if error:
+            self._log(f"{state}: {error}")
+        summary = result.get("summary") or {}
+        fields = {"state": state, "error": error, "finished_at": now_iso(),
+                  "summary": {k: summary[k] for k in ("final", "best", "total_seconds")
+                              if k in summary} or None}
+        deadline = self._clock() + FINAL_WRITE_SECONDS
+        while True:
+            try:
+                self._flush_lines()
+                if not self.records.update_owned(self.job_id, self.owner, **fields):
+                    log.warning("job %s ended %s but is no longer ours; record left alone",
+                                self.job_id, state)
+                return
+            except redis.RedisError as exc:
+                if self._clock() > deadline:
+                    # The reaper will requeue it; the next attempt finds the final
+                    # checkpoint and only rewrites the final artefacts.
+                    log.error("job %s ended %s but Redis is unreachable: %s",
+                              self.job_id, state, exc)
+                    return
+                time.sleep(1.0)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _log(self, line: str) -> None:
+        self._pending_lines.append(line)
+        try:
+            self._flush_lines()
+        except redis.RedisError as exc:
+            log.warning("job %s: log line kept for later, Redis unavailable: %s",
+                        self.job_id, exc)
+
+    def _flush_lines(self) -> None:
+        if self._pending_lines:
+            self.records.append_log(self.job_id, *self._pending_lines)
+            self._pending_lines.clear()
+
+    def _update(self, **fields: Any) -> None:
+        try:
+            self._flush_lines()
+            self.records.update_owned(self.job_id, self.owner, **fields)
+        except redis.RedisError as exc:
+            log.warning("job %s: progress not recorded, Redis unavailable: %s",
+                        self.job_id, exc)
+
+
+class GuardedReporter(Reporter):
+    """Wraps a reporter we do not own (metrics): its bugs are logged, never fail a job."""
+
+    def __init__(self, inner: Reporter):
+        self.inner = inner
+
+    def _call(self, hook: str, *args: Any) -> None:
+        try:
+            getattr(self.inner, hook)(*args)
+        except Exception:
+            log.exception("%s.%s failed", type(self.inner).__name__, hook)
+
+    def on_start(self, job_id, spec, info):
+        self._call("on_start", job_id, spec, info)
+
+    def on_batch(self, epoch, batch, num_batches):
+        self._call("on_batch", epoch, batch, num_batches)
+
+    def on_epoch(self, row):
+        self._call("on_epoch", row)
+
+    def on_end(self, state, result):
+        self._call("on_end", state, result)

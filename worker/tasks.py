@@ -1,0 +1,180 @@
+"""The one Celery task: claim the job, then hand it to ``worker.runner.run_job``.
+
+Thin on purpose: the runner owns training and the artefact folder, ``shared.records`` owns
+the record's state machine. This module only checks the message, claims the job and wires
+the reporters. Every decision not to run a message is logged and the message acked, so a
+redelivered, duplicated or malformed message can never run a job twice or stop the worker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from typing import Any
+
+import redis
+from celery.exceptions import Reject
+
+from shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
+from shared.records import JobRecords, now_iso
+from shared.settings import get_settings
+from shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
+from worker.app import TASK_NAME, app
+from worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter
+from worker.reaper import Heartbeat, send_job, worker_records
+from worker.runner import Reporter, Reporters, run_job
+
+log = logging.getLogger(__name__)
+
+#: How long a claim keeps trying while Redis is down (a restart takes a few seconds).
+CLAIM_RETRY_SECONDS = 60.0
+
+
+class MalformedMessage(ValueError):
+    pass
+
+
+@app.task(name=TASK_NAME, bind=True, typing=False)
+def run_job_task(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Message: ``args=[job_id, spec_dict, attempt]``. Arguments are checked here rather than
+    by Celery so that a bad message is rejected with a clear log line."""
+    try:
+        job_id, spec_values, attempt = parse_message(args, kwargs)
+    except MalformedMessage as exc:
+        log.error("rejected malformed message %s: %s", self.request.id, exc)
+        raise Reject(str(exc), requeue=False) from None
+    return execute(job_id, spec_values, attempt, hostname=self.request.hostname or "worker")
+
+
+def parse_message(args: tuple, kwargs: dict) -> tuple[str, dict[str, Any], int]:
+    names = ("job_id", "spec", "attempt")
+    if len(args) > len(names) or set(kwargs) - set(names):
+        raise MalformedMessage(f"expected (job_id, spec, attempt), got {len(args)} "
+                               f"arguments and keywords {sorted(kwargs)}")
+    values = dict(zip(names, args, strict=False)) | kwargs
+    values.setdefault("attempt", 1)
+    if "job_id" not in values or "spec" not in values:
+        raise MalformedMessage("job_id and spec are required")
+    try:
+        job_id = validate_job_id(values["job_id"])
+    except InvalidJobId as exc:
+        raise MalformedMessage(str(exc)) from None
+    if not isinstance(values["spec"], dict):
+        raise MalformedMessage("spec must be a JSON object")
+    attempt = values["attempt"]
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+        raise MalformedMessage(f"attempt must be a positive integer, got {attempt!r}")
+    return job_id, values["spec"], attempt
+
+
+def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
+            hostname: str) -> dict[str, Any]:
+    settings = get_settings()
+    records = worker_records()
+    store = ArtifactStore(settings.artifacts_dir)
+    owner = f"{hostname}:{os.getpid()}:{attempt}"
+    try:
+        claimed = _retrying(lambda: records.claim(
+            job_id, attempt, owner, settings.heartbeat_timeout_seconds,
+            worker=hostname, artifacts=str(store.job(job_id).path.resolve())))
+    except redis.RedisError as exc:
+        # Never ack a message we could not claim: back to the queue (or, if Redis is
+        # still gone, left unacked for kombu to restore).
+        raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
+    if claimed != "claimed":
+        # terminal (done or cancelled while queued), stale (an older attempt's message,
+        # e.g. kombu's visibility-timeout redelivery), busy (a live worker holds it) or
+        # missing (no record): acking is the whole job.
+        log.info("job %s attempt %d not run: %s", job_id, attempt, claimed)
+        return {"job_id": job_id, "attempt": attempt, "skipped": claimed}
+    log.info("job %s attempt %d claimed by %s", job_id, attempt, hostname)
+    records.append_log(job_id, f"attempt {attempt} started on {hostname}")
+
+    try:
+        spec = build_spec(worker_side_defaults(spec_values))
+        if spec.dataset in FILE_DATASETS and not settings.data_dir:
+            raise SpecError("data_root", "this worker has no LABCTL_DATA_DIR, so it reads no "
+                            "dataset files")
+    except SpecError as exc:
+        error = f"invalid spec: {exc}"
+        records.update_owned(job_id, owner, state="failed", error=error, finished_at=now_iso())
+        records.append_log(job_id, f"failed: {error}")
+        log.error("job %s rejected: %s", job_id, error)
+        raise Reject(error, requeue=False) from None
+
+    return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
+
+
+def _retrying(call, seconds: float = CLAIM_RETRY_SECONDS):
+    """Ride over a Redis restart (a few seconds) instead of giving the message up."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except redis.RedisError as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unavailable (%s); retrying", exc)
+            time.sleep(1.0)
+
+
+def worker_side_defaults(spec_values: dict[str, Any]) -> dict[str, Any]:
+    """A spec sent without ``data_root`` reads this worker's ``LABCTL_DATA_DIR``."""
+    values = dict(spec_values)
+    if values.get("data_root") is None:
+        values.pop("data_root", None)
+    return values
+
+
+def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_id: str,
+                 attempt: int, owner: str, hostname: str) -> dict[str, Any]:
+    settings = get_settings()
+    heartbeat = Heartbeat(records, job_id, owner, interval=settings.heartbeat_seconds,
+                          lease_seconds=settings.heartbeat_timeout_seconds)
+    reporter = Reporters(QueueReporter(records, job_id, owner, heartbeat),
+                         *extra_reporters(spec, job_id))
+    record = records.get(job_id) or {}
+    status_extra = {"worker": hostname, "attempts": attempt, "queue": record.get("queue"),
+                    "sweep_id": spec.sweep_id}
+    heartbeat.start()
+    try:
+        outcome = run_job(spec, job_id, store, reporter, allowed_data_dir=settings.data_dir,
+                          status_extra=status_extra)
+    except JobReleased as released:
+        return _released(records, job_id, attempt, owner, released)
+    finally:
+        heartbeat.stop()
+        heartbeat.join(timeout=5)
+    log.info("job %s attempt %d %s%s", job_id, attempt, outcome.state,
+             f": {outcome.error}" if outcome.error else "")
+    return {"job_id": job_id, "attempt": attempt, "state": outcome.state}
+
+
+def _released(records: JobRecords, job_id: str, attempt: int, owner: str,
+              released: JobReleased) -> dict[str, Any]:
+    if released.lost:
+        log.warning("job %s attempt %d abandoned: %s", job_id, attempt, released.reason)
+        return {"job_id": job_id, "attempt": attempt, "state": "abandoned"}
+    outcome, next_attempt = records.release(job_id, owner)
+    if outcome == "requeued":
+        send_job(app, records, job_id, next_attempt)
+        log.warning("job %s handed back (%s); requeued as attempt %d",
+                    job_id, released.reason, next_attempt)
+    return {"job_id": job_id, "attempt": attempt, "state": outcome}
+
+
+def extra_reporters(spec: JobSpec, job_id: str) -> list[Reporter]:
+    """The one place optional reporters join a job: Prometheus metrics when installed.
+
+    Guarded, so a bug in a metrics exporter is logged and never fails a training job."""
+    if importlib.util.find_spec("worker.metrics_reporter") is None:
+        return []
+    try:
+        from worker.metrics_reporter import MetricsReporter
+
+        return [GuardedReporter(MetricsReporter(spec, job_id))]
+    except Exception:
+        log.exception("metrics reporter unavailable for job %s", job_id)
+        return []
