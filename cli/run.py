@@ -12,7 +12,7 @@ from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
 from cli.spec_options import spec_options, to_spec
 from shared.artifacts import ArtifactStore, InvalidJobId, new_job_id
 from shared.settings import get_settings
-from shared.spec import SpecError, check_runtime
+from shared.spec import SpecError, check_runtime, resolve_data_root
 from worker.runner import KeyboardInterruptWithOutcome, Reporter, epoch_line, run_job
 
 
@@ -80,6 +80,7 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
     else:
         spec = to_spec(spec_values)
         job_id = new_job_id()
+    spec = resolve_data_root(spec, get_settings().data_dir)
     try:  # host checks before a job folder exists: a typo in --data-root leaves no debris
         check_runtime(spec)
     except SpecError as exc:

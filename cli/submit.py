@@ -28,10 +28,7 @@ def submit(spec_values: dict, wait: bool, follow: bool, as_json: bool) -> None:
     (ResNet50 on Stanford Cars). numpy-cnn jobs go to the cpu queue, resnet50 jobs to the gpu
     queue unless --device cpu.
     """
-    spec = to_spec(spec_values)
-    # data_root left unset is resolved by the worker from its own LABCTL_DATA_DIR: the data
-    # lives where the job runs, not where it was submitted.
-    spec = spec.model_copy(update={"data_root": spec_values.get("data_root")})
+    spec = to_spec(spec_values)  # an unset data_root is resolved by the worker
     records = open_records()
     try:
         with broker_errors():

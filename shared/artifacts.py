@@ -153,7 +153,8 @@ class JobFolder:
         rows = [r for r in self.read_metrics() if r.get("epoch", 0) <= epoch]
         seen: dict[int, dict[str, Any]] = {r["epoch"]: r for r in rows}
         with atomic_path(self.metrics_path) as tmp:
-            tmp.write_text("".join(json.dumps(seen[e], sort_keys=True) + "\n" for e in sorted(seen)))
+            tmp.write_text("".join(json.dumps(seen[e], sort_keys=True) + "\n"
+                                   for e in sorted(seen)))
 
     def log(self, line: str) -> None:
         append_line(self.log_path, line)

@@ -12,7 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LABCTL_", env_file=".env", extra="ignore")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, results and job records.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0",
+                           description="Broker, results and job records.")
     artifacts_dir: str = Field("./artifacts", description="Root of every job's artefact folder.")
     data_dir: str | None = Field(None, description="Default data_root; the worker's data jail.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often a running job says alive.")

@@ -45,10 +45,6 @@ class SpecError(ValueError):
         super().__init__(f"{field}: {problem}" if field else problem)
 
 
-def _env_data_root() -> str | None:
-    return os.environ.get("LABCTL_DATA_DIR") or None
-
-
 class JobSpec(BaseModel):
     """A training job. Defaults describe the lab's flagship run: ResNet50 on Stanford Cars."""
 
@@ -58,9 +54,9 @@ class JobSpec(BaseModel):
     optimizer: Optimizer = Field("adamax", description="Adam or AdaMax (Kingma & Ba).")
     dataset: Dataset = Field("stanford-cars", description="Training data.")
     data_root: str | None = Field(
-        default_factory=_env_data_root,
+        None,
         description="Folder holding file-based datasets (mnist, stanford-cars, imagefolder). "
-        "Defaults to $LABCTL_DATA_DIR, /data/stanford_cars in the containers.",
+        "Unset: $LABCTL_DATA_DIR of the host that runs the job (/data in the containers).",
     )
     epochs: int = Field(30, ge=1, le=1000, description="Passes over the training split.")
     batch_size: int = Field(64, ge=1, le=4096, description="Images per step.")
@@ -68,7 +64,8 @@ class JobSpec(BaseModel):
         None, gt=0, le=10,
         description="Learning rate. Default depends on the optimizer: adam 1e-3, adamax 2e-3.",
     )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Moment decay rates, each in [0, 1).")
+    betas: tuple[float, float] = Field((0.9, 0.999),
+                                       description="Moment decay rates, each in [0, 1).")
     eps: float = Field(1e-8, gt=0, le=1, description="Numerical stabiliser.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="Coupled L2 penalty, as torch.optim.")
     lr_schedule: LrSchedule = Field("cosine", description="constant, or cosine decay to 0.")
@@ -139,6 +136,16 @@ class JobSpec(BaseModel):
     def effective_num_classes(self) -> int | None:
         """Known before loading only for synthetic data; other datasets report theirs."""
         return (self.num_classes or 10) if self.dataset == "synthetic" else None
+
+
+def resolve_data_root(spec: JobSpec, default: str | None) -> JobSpec:
+    """Fill an unset ``data_root`` with the running host's default (its LABCTL_DATA_DIR).
+
+    Resolved where the job runs, not where it was submitted: the data lives on the worker.
+    """
+    if spec.data_root or not default or spec.dataset not in FILE_DATASETS:
+        return spec
+    return spec.model_copy(update={"data_root": default})
 
 
 def check_runtime(spec: JobSpec, allowed_data_dir: str | None = None) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import accuracy_score
+from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
 from sklearn.metrics import confusion_matrix as sk_confusion
-from sklearn.metrics import f1_score, top_k_accuracy_score
 
 from worker.evaluation import (
     accuracy,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from pydantic import ValidationError
 
 from shared.spec import (
     DEFAULT_LR,
@@ -13,15 +14,20 @@ from shared.spec import (
     build_spec,
     check_runtime,
     load_spec_file,
+    resolve_data_root,
     spec_schema,
 )
 
 
-def test_defaults_are_the_flagship_experiment(monkeypatch):
-    monkeypatch.setenv("LABCTL_DATA_DIR", "/data/stanford_cars")
+def test_defaults_are_the_flagship_experiment():
     spec = build_spec({"optimizer": "adamax"})
     assert (spec.model, spec.dataset, spec.optimizer) == ("resnet50", "stanford-cars", "adamax")
-    assert spec.data_root == "/data/stanford_cars"
+    assert spec.data_root is None  # resolved where the job runs
+    resolved = resolve_data_root(spec, "/data/stanford_cars")
+    assert resolved.data_root == "/data/stanford_cars"
+    assert resolve_data_root(resolved, "/elsewhere").data_root == "/data/stanford_cars"
+    digits = build_spec({"dataset": "digits"})
+    assert resolve_data_root(digits, "/data").data_root is None  # bundled data needs none
     assert spec.effective_image_size == 224
     assert spec.epochs >= 1 and spec.batch_size >= 1
 
@@ -87,7 +93,7 @@ def test_warmup_must_be_shorter_than_training():
 
 def test_spec_is_frozen_and_round_trips_through_json():
     spec = build_spec({"dataset": "digits", "model": "numpy-cnn", "tags": ["a"]})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         spec.epochs = 3  # type: ignore[misc]
     again = JobSpec.model_validate_json(spec.model_dump_json())
     assert again == spec

@@ -165,3 +165,6 @@ class GuardedReporter(Reporter):
 
     def on_end(self, state, result):
         self._call("on_end", state, result)
+
+    def close(self):
+        self._call("close")

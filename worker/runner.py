@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from shared.artifacts import ArtifactStore, JobFolder, utc_now, write_json
-from shared.spec import JobSpec, SpecError, check_runtime
+from shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
 from worker.engine import DataError, Engine, JobCancelled, TrainingDiverged
 from worker.evaluation import accuracy, confusion_matrix, f1_macro, per_class_accuracy
 
@@ -38,6 +38,9 @@ class Reporter:
     def on_epoch(self, row: dict[str, Any]) -> None: ...
 
     def on_end(self, state: str, result: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:
+        """The job left this process without ending (handed back to the queue)."""
 
 
 class Reporters(Reporter):
@@ -61,6 +64,10 @@ class Reporters(Reporter):
     def on_end(self, state, result):
         for r in self.reporters:
             r.on_end(state, result)
+
+    def close(self):
+        for r in self.reporters:
+            r.close()
 
 
 @dataclass
@@ -105,7 +112,7 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
 
 
 def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter | None = None,
-            *, allowed_data_dir: str | None = None,
+            *, default_data_root: str | None = None, allowed_data_dir: str | None = None,
             status_extra: dict[str, Any] | None = None) -> RunOutcome:
     """Run ``spec`` to the end, resuming from the job's checkpoint if one exists.
 
@@ -114,6 +121,7 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
     reaches the caller once the job folder is consistent.
     """
     reporter = reporter or Reporter()
+    spec = resolve_data_root(spec, default_data_root)
     folder = store.job(job_id).create()
     write_json(folder.spec_path, spec.model_dump(mode="json"))
     status = folder.read_status()

@@ -8,7 +8,6 @@ redelivered, duplicated or malformed message can never run a job twice or stop t
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -93,7 +92,7 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
     records.append_log(job_id, f"attempt {attempt} started on {hostname}")
 
     try:
-        spec = build_spec(worker_side_defaults(spec_values))
+        spec = build_spec(spec_values)
         if spec.dataset in FILE_DATASETS and not settings.data_dir:
             raise SpecError("data_root", "this worker has no LABCTL_DATA_DIR, so it reads no "
                             "dataset files")
@@ -120,14 +119,6 @@ def _retrying(call, seconds: float = CLAIM_RETRY_SECONDS):
             time.sleep(1.0)
 
 
-def worker_side_defaults(spec_values: dict[str, Any]) -> dict[str, Any]:
-    """A spec sent without ``data_root`` reads this worker's ``LABCTL_DATA_DIR``."""
-    values = dict(spec_values)
-    if values.get("data_root") is None:
-        values.pop("data_root", None)
-    return values
-
-
 def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_id: str,
                  attempt: int, owner: str, hostname: str) -> dict[str, Any]:
     settings = get_settings()
@@ -140,9 +131,10 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
                     "sweep_id": spec.sweep_id}
     heartbeat.start()
     try:
-        outcome = run_job(spec, job_id, store, reporter, allowed_data_dir=settings.data_dir,
-                          status_extra=status_extra)
+        outcome = run_job(spec, job_id, store, reporter, default_data_root=settings.data_dir,
+                          allowed_data_dir=settings.data_dir, status_extra=status_extra)
     except JobReleased as released:
+        reporter.close()  # on_end never ran: drop the job's live metric series here
         return _released(records, job_id, attempt, owner, released)
     finally:
         heartbeat.stop()
@@ -169,8 +161,6 @@ def extra_reporters(spec: JobSpec, job_id: str) -> list[Reporter]:
     """The one place optional reporters join a job: Prometheus metrics when installed.
 
     Guarded, so a bug in a metrics exporter is logged and never fails a training job."""
-    if importlib.util.find_spec("worker.metrics_reporter") is None:
-        return []
     try:
         from worker.metrics_reporter import MetricsReporter
 
