@@ -1,0 +1,128 @@
+"""Arrange runs for comparison.
+
+A *block* holds every setting equal except the compared field and the seed (e.g. all
+numpy-cnn runs); inside it, a *group* holds the runs sharing one value of the compared
+field (e.g. adam). Groups of one block are compared pair by pair, runs matched by seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared.spec import JobSpec
+
+from .runs import Run
+
+#: Never split blocks: they label runs or change nothing a metric depends on.
+IGNORED_FIELDS = frozenset({"seed", "name", "tags", "sweep_id", "num_workers", "data_root"})
+#: Values that read well without their field name in a label.
+SELF_NAMED = ("model", "dataset", "optimizer")
+
+
+class BadField(ValueError):
+    pass
+
+
+@dataclass
+class Group:
+    field: str
+    value: Any
+    runs: list[Run]
+
+    @property
+    def label(self) -> str:
+        return _value_label(self.field, self.value)
+
+    def by_seed(self) -> dict[int, Run]:
+        return {run.seed: run for run in self.runs}
+
+
+@dataclass
+class Block:
+    fields: dict[str, Any]
+    groups: list[Group]
+    label: str = ""
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() or c in "._-" else "-" for c in self.label)[:80]
+
+
+def _value_label(name: str, value: Any) -> str:
+    return str(value) if name in SELF_NAMED else f"{name}={value}"
+
+
+def check_field(name: str) -> str:
+    if name not in JobSpec.model_fields or name in ("seed", "tags"):
+        choices = ", ".join(f for f in JobSpec.model_fields if f not in ("seed", "tags"))
+        raise BadField(f"--by: unknown spec field {name!r} (choose from {choices})")
+    return name
+
+
+def varying_fields(runs: list[Run], exclude: str) -> list[str]:
+    """Spec fields whose value differs between runs, in spec order."""
+    names = []
+    for name in JobSpec.model_fields:
+        if name in IGNORED_FIELDS or name == exclude:
+            continue
+        values = {_hashable(run.spec.get(name)) for run in runs}
+        if len(values) > 1:
+            names.append(name)
+    return names
+
+
+def make_blocks(runs: list[Run], by: str = "optimizer") -> tuple[list[Block], list[str]]:
+    """Blocks in first-seen order, groups sorted by value. Returns (blocks, notes): a note
+    for each run dropped because a later run had the same settings and seed."""
+    check_field(by)
+    block_fields = varying_fields(runs, exclude=by)
+    blocks: dict[tuple, dict[Any, list[Run]]] = {}
+    keys: dict[tuple, dict[str, Any]] = {}
+    for run in runs:
+        key = tuple(_hashable(run.spec.get(f)) for f in block_fields)
+        keys.setdefault(key, {f: run.spec.get(f) for f in block_fields})
+        blocks.setdefault(key, {}).setdefault(_hashable(run.spec.get(by)), []).append(run)
+    result, notes = [], []
+    for key, by_value in blocks.items():
+        groups = []
+        for value in sorted(by_value, key=lambda v: (v is None, str(v))):
+            group, dropped = _dedupe(by, value, by_value[value])
+            notes.extend(dropped)
+            groups.append(group)
+        result.append(Block(fields=keys[key], groups=groups))
+    _label_blocks(result)
+    return result, notes
+
+
+def _label_blocks(blocks: list[Block]) -> None:
+    """"numpy-cnn on digits"; the other differing settings are added only where two blocks
+    would otherwise read the same."""
+    for block in blocks:
+        spec = block.groups[0].runs[0].spec
+        block.label = f"{spec.get('model')} on {spec.get('dataset')}"
+    for block in blocks:
+        if sum(b.label == block.label for b in blocks) > 1:
+            extra = [_value_label(k, v) for k, v in block.fields.items()
+                     if k not in ("model", "dataset")]
+            block.label += " (" + ", ".join(extra) + ")"
+    for block in blocks:
+        if sum(b.label == block.label for b in blocks) > 1:  # only ignored fields differ
+            block.label += f" #{blocks.index(block) + 1}"
+
+
+def _dedupe(by: str, value: Any, runs: list[Run]) -> tuple[Group, list[str]]:
+    # Job ids sort by creation time, so the last run of a seed is the newest one.
+    latest: dict[int, Run] = {}
+    notes = []
+    for run in sorted(runs, key=lambda r: r.job_id):
+        if run.seed in latest:
+            notes.append(f"{latest[run.seed].job_id}: superseded by {run.job_id} "
+                         f"(same settings, seed {run.seed})")
+        latest[run.seed] = run
+    kept = sorted(latest.values(), key=lambda r: r.seed)
+    return Group(field=by, value=value, runs=kept), notes
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value

@@ -1,0 +1,71 @@
+"""``labctl compare``: runs side by side, from their artefact folders alone (no Redis)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cli.errors import BadSpec, LabctlError, NotFound
+from cli.run import artifacts_dir_option
+from shared.settings import get_settings
+
+
+def load_analysis(refs: tuple[str, ...], artifacts_dir: str | None, by: str):
+    """The shared front half of compare and report, with CLI errors and exit codes."""
+    from cli.analysis.grouping import BadField
+    from cli.analysis.pipeline import NothingToCompare, analyse
+    from cli.analysis.runs import RunNotFound
+
+    root = artifacts_dir or get_settings().artifacts_dir
+    try:
+        analysis = analyse(list(refs), root, by)
+    except RunNotFound as exc:
+        raise NotFound(str(exc)) from None
+    except BadField as exc:
+        raise BadSpec(str(exc)) from None
+    except NothingToCompare as exc:
+        raise LabctlError(str(exc)) from None
+    for note in analysis.notes:
+        click.echo(f"labctl: skipped {note}", err=True)
+    return analysis
+
+
+@click.command("compare")
+@click.argument("refs", nargs=-1, required=True, metavar="JOB|SWEEP|FOLDER...")
+@artifacts_dir_option
+@click.option("--by", default="optimizer", show_default=True,
+              help="spec field whose values are compared; other differing fields split "
+                   "the runs into separate setups")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="write overlaid loss/accuracy/F1 curves (mean ± std) to this PNG")
+@click.option("--json", "as_json", is_flag=True, help="print figures and tests as JSON")
+def compare(refs: tuple[str, ...], artifacts_dir: str | None, by: str, output: str | None,
+            as_json: bool) -> None:
+    """Compare finished runs: final/best accuracy and F1, epochs to 95% of the best accuracy,
+    time per epoch and throughput; mean ± std across seeds; and a paired significance test
+    (runs matched by seed) of the difference between the compared groups.
+    """
+    from cli.analysis.stats import describe_test
+    from cli.analysis.tables import comparison_rows, render_text
+
+    analysis = load_analysis(refs, artifacts_dir, by)
+    if output:
+        from cli.analysis.plotting import plot_curves
+
+        plot_curves(analysis.blocks, ["loss", "accuracy", "f1"], output)
+        click.echo(f"labctl: curves written to {output}", err=True)
+    if as_json:
+        click.echo(json.dumps(analysis.to_json(), indent=2, default=str))
+        return
+    click.echo(render_text(*comparison_rows(analysis.blocks)))
+    for i, block in enumerate(analysis.blocks):
+        tests = analysis.tests[i]
+        if not tests:
+            continue
+        click.echo(f"\n{block.label}: significance across seeds (runs paired by seed)")
+        for test in tests:
+            head, *lines = describe_test(test)
+            click.echo(f"  {head}")
+            for line in lines:
+                click.echo(f"    {line}")

@@ -1,0 +1,65 @@
+"""``labctl report``: the lab's README report, generated from runs' artefacts."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import click
+
+from cli.compare import load_analysis
+from cli.run import artifacts_dir_option
+
+DEFAULT_BENCHMARKS = "docs/benchmarks.md"
+
+
+@click.command("report")
+@click.argument("refs", nargs=-1, required=True, metavar="JOB|SWEEP|FOLDER...")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="folder for report.md and its PNGs (created if missing)")
+@artifacts_dir_option
+@click.option("--by", default="optimizer", show_default=True,
+              help="spec field whose values are compared")
+@click.option("--benchmarks", "benchmarks_file", type=click.Path(dir_okay=False),
+              default=DEFAULT_BENCHMARKS, show_default=True,
+              help="benchmark page whose figures are included when it exists")
+@click.option("--bench", "measure", is_flag=True,
+              help="also measure NumPy vs PyTorch and ResNet50 throughput now (labctl bench "
+                   "--quick; a few minutes on a CPU)")
+def report(refs: tuple[str, ...], out_dir: str, artifacts_dir: str | None, by: str,
+           benchmarks_file: str, measure: bool) -> None:
+    """Write OUT/report.md with loss/accuracy/F1 curves per optimizer (std bands), the
+    comparison table and significance test with a plain-language conclusion, the speed
+    table, the best run's confusion matrix, the environment and how to reproduce it.
+    """
+    from cli.analysis.environment import environment
+    from cli.analysis.report_writer import ReportInputs, write_report
+    from cli.analysis.speed import benchmark_sections
+
+    analysis = load_analysis(refs, artifacts_dir, by)
+    inputs = ReportInputs(analysis=analysis, refs=list(refs), environment=environment(),
+                          command=_command_line(refs, out_dir, artifacts_dir, by, measure))
+    inputs.benchmarks_md = benchmark_sections(Path(benchmarks_file))
+    inputs.benchmarks_source = benchmarks_file
+    if measure:
+        from cli.bench_cmd import measure_markdown
+
+        click.echo("labctl: measuring benchmarks (--bench) ...", err=True)
+        inputs.measured_md = measure_markdown(quick=True)
+    path = write_report(inputs, Path(out_dir))
+    for written in inputs.written:
+        click.echo(str(written))
+    click.echo(f"labctl: report written to {path}", err=True)
+
+
+def _command_line(refs: tuple[str, ...], out_dir: str, artifacts_dir: str | None, by: str,
+                  measure: bool) -> str:
+    """The command as a reader would retype it (not argv: that may be a venv path)."""
+    words = ["labctl", "report", *refs, "-o", out_dir]
+    if by != "optimizer":
+        words += ["--by", by]
+    if artifacts_dir:
+        words += ["--artifacts-dir", artifacts_dir]
+    if measure:
+        words.append("--bench")
+    return shlex.join(words)
