@@ -1,0 +1,120 @@
+"""Python threads over independent pieces of work (batch chunks, parameter slices).
+
+NumPy releases the GIL inside ufunc loops, copies and BLAS calls, so threads give real
+parallelism for the memory-bound parts (im2col, pooling masks, optimizer updates) that a
+multi-threaded BLAS leaves on one core. Once our threads are in use, OpenBLAS is held to one
+thread for the whole process and large GEMMs are split over our threads instead
+(:func:`parallel_matmul`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+THREAD_PREFIX = "numpy-cnn"
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_blas_limited = False
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child (a Celery prefork worker, a test's subprocess) inherits the pool object
+    but not its threads; using it would wait forever. The child builds its own."""
+    global _pool, _lock
+    _pool = None
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def num_threads() -> int:
+    """Threads to use: $LABCTL_NUMPY_THREADS, else the CPUs this process may run on."""
+    configured = os.environ.get("LABCTL_NUMPY_THREADS")
+    if configured:
+        return max(1, int(configured))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS has no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def _get_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(num_threads(), thread_name_prefix=THREAD_PREFIX)
+        return _pool
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(item) for item in items]`` on the thread pool; results keep the items' order,
+    so any reduction the caller does over them is deterministic."""
+    # Inline when there is nothing to share, and inside a pool thread: waiting there for
+    # the pool's other threads could deadlock it.
+    if (len(items) <= 1 or num_threads() == 1
+            or threading.current_thread().name.startswith(THREAD_PREFIX)):
+        return [fn(item) for item in items]
+    use_single_threaded_blas()
+    return list(_get_pool().map(fn, items))
+
+
+def split_evenly(total: int, parts: int) -> list[slice]:
+    """``parts`` contiguous slices covering ``range(total)``, sizes differing by at most 1."""
+    parts = max(1, min(parts, total))
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def use_single_threaded_blas() -> None:
+    """Hold BLAS (OpenBLAS under NumPy) to one thread for the rest of the process.
+
+    Our threads call BLAS concurrently on independent chunks, so BLAS's own threads would
+    only oversubscribe the cores. It is set once, not per region: changing OpenBLAS's
+    thread count between calls made its next multi-threaded GEMM 10-30x slower (measured).
+    Without threadpoolctl this is a no-op; set OPENBLAS_NUM_THREADS=1 before NumPy loads.
+    """
+    global _blas_limited
+    with _lock:
+        if _blas_limited:
+            return
+        _blas_limited = True
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - shipped with scikit-learn
+            return
+        threadpool_limits(limits=1, user_api="blas")
+
+
+#: Below this many multiply-adds a GEMM is not worth splitting over threads.
+MIN_PARALLEL_MACS = 1 << 20
+
+
+def parallel_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for 2-D arrays, the columns of the result split over threads.
+
+    Each thread writes its own column block and nothing is reduced across threads, so the
+    result is bitwise the same whatever the thread count or timing.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    threads = num_threads()
+    if threads == 1 or m * k * n < MIN_PARALLEL_MACS or n < 2 * threads:
+        return a @ b
+    out = np.empty((m, n), np.result_type(a, b))
+
+    def block(part: slice) -> None:
+        np.matmul(a, b[:, part], out=out[:, part])
+
+    parallel_map(block, split_evenly(n, threads))
+    return out
