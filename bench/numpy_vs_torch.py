@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from bench.docs_page import write_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -391,20 +392,6 @@ What made the NumPy version fast, in order of effect (compare the layer-by-layer
    updates in cache-sized slices spread over threads; float32 throughout.
 """
 
-
-def write_section(doc: Path, section: str, body: str) -> None:
-    """Replace (or append) ``<!-- section:start -->...<!-- section:end -->``, keeping the
-    rest of the file, so each benchmark owns its part of the shared page."""
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

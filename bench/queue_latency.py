@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+
+from bench.docs_page import write_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -93,20 +94,6 @@ def report(latencies: list[float]) -> str:
         f"Goal p50 <= {GOAL_P50_MS:.0f} ms: {verdict}.",
     ])
 
-
-def write_section(doc: Path, section: str, body: str) -> None:
-    """Replace (or append) ``<!-- section:start -->...<!-- section:end -->``, keeping the
-    rest of the file, so each benchmark owns its part of the shared page."""
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text if text.endswith("\n") else text + "\n")
 
 
 def private_stack(stack: ExitStack, workdir: Path) -> str:

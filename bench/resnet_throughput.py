@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from bench.docs_page import write_section
 from worker.resnet import resnet50
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -107,20 +107,6 @@ def render(rows: list[tuple[str, dict[str, float]]], batch: int, size: int) -> s
     lines += ["", f"Goal ours >= {TARGET_RATIO}x torchvision: {verdict} (worst {worst:.3f})."]
     return "\n".join(lines)
 
-
-def write_section(doc: Path, section: str, body: str) -> None:
-    """Replace (or append) ``<!-- section:start -->...<!-- section:end -->``, keeping the
-    rest of the file, so each benchmark owns its part of the shared page."""
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text if text.endswith("\n") else text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,3 +73,19 @@ def get_record(records: JobRecords, job_id: str) -> dict[str, Any]:
     if record is None:
         raise NotFound(f"no job {job_id}")
     return record
+
+
+def submit_or_exit(spec, records: JobRecords) -> str:
+    """Queue ``spec`` and return its job id; an unreachable broker exits 69, any other
+    refusal exits 1, each with one line."""
+    from kombu.exceptions import OperationalError
+
+    from shared.queue import SubmitError, submit_job
+
+    try:
+        with broker_errors():
+            return submit_job(spec, records=records)
+    except SubmitError as exc:
+        if isinstance(exc.__cause__, OperationalError | redis.ConnectionError | OSError):
+            raise unavailable(exc.__cause__) from None
+        raise LabctlError(str(exc)) from None

@@ -6,14 +6,11 @@ import json
 import sys
 
 import click
-import redis
-from kombu.exceptions import OperationalError
 
-from cli.broker import broker_errors, get_record, open_records, unavailable
-from cli.errors import EXIT_INTERRUPTED, JobFailed, LabctlError
+from cli.broker import get_record, open_records, submit_or_exit
+from cli.errors import EXIT_INTERRUPTED, JobFailed
 from cli.logs import follow_log
 from cli.spec_options import spec_options, to_spec
-from shared.queue import SubmitError, submit_job
 
 
 @click.command("submit")
@@ -30,13 +27,7 @@ def submit(spec_values: dict, wait: bool, follow: bool, as_json: bool) -> None:
     """
     spec = to_spec(spec_values)  # an unset data_root is resolved by the worker
     records = open_records()
-    try:
-        with broker_errors():
-            job_id = submit_job(spec, records=records)
-    except SubmitError as exc:
-        if isinstance(exc.__cause__, OperationalError | redis.ConnectionError | OSError):
-            raise unavailable(exc.__cause__) from None
-        raise LabctlError(str(exc)) from None
+    job_id = submit_or_exit(spec, records)
     record = get_record(records, job_id)
     if not as_json:
         click.echo(job_id)

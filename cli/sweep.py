@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, LabctlError
+from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed
 from cli.run import TerminalReporter, artifacts_dir_option
 from cli.spec_options import spec_options, to_spec
 from shared.artifacts import ArtifactStore, new_job_id
@@ -80,7 +80,7 @@ def sweep(spec_values: dict, seeds: int | None, local: bool, artifacts_dir: str 
         states = _run_locally(root, entries, [spec for _, spec in jobs])
         failed = [job_id for job_id, state in states.items() if state != "succeeded"]
     else:
-        manifest = _submit_all(jobs, entries, save, spec_values.get("data_root"))
+        manifest = _submit_all(jobs, entries, save)
         states = {entry["job_id"]: "queued" for entry in entries}
         failed = []
         if not as_json:
@@ -125,29 +125,16 @@ def _run_locally(root: str, entries: list[dict], specs: list[JobSpec]) -> dict[s
     return states
 
 
-def _submit_all(jobs: list[tuple[dict, JobSpec]], entries: list[dict], save,
-                data_root: str | None) -> str:
+def _submit_all(jobs: list[tuple[dict, JobSpec]], entries: list[dict], save) -> str:
     """Queue every job. If the broker fails half-way, the manifest still lists the jobs
     already queued (so they stay findable) before the error exits 69."""
-    import redis
-    from kombu.exceptions import OperationalError
-
-    from cli.broker import broker_errors, open_records, unavailable
-    from shared.queue import SubmitError, submit_job
+    from cli.broker import open_records, submit_or_exit
 
     records = open_records()  # exit 69 here, before anything is queued
     try:
         for params, spec in jobs:
-            # As labctl submit: an unset data_root is the worker's LABCTL_DATA_DIR, since the
-            # data lives where the job runs.
-            spec = spec.model_copy(update={"data_root": data_root})
-            try:
-                with broker_errors():
-                    job_id = submit_job(spec, records=records)
-            except SubmitError as exc:
-                if isinstance(exc.__cause__, OperationalError | redis.ConnectionError | OSError):
-                    raise unavailable(exc.__cause__) from None
-                raise LabctlError(str(exc)) from None
+            # An unset data_root stays unset: the worker resolves it where the data lives.
+            job_id = submit_or_exit(spec, records)
             entries.append({"job_id": job_id, "params": params})
     finally:
         if entries:

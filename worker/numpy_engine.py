@@ -26,6 +26,7 @@ from worker.engine import BatchCallback, DataError, EvalResult, TrainingDiverged
 from worker.numpy_cnn import Adam, AdaMax, build_default_cnn, softmax_cross_entropy
 from worker.numpy_cnn.losses import log_softmax
 from worker.numpy_cnn.optim import Optimizer
+from worker.schedule import lr_factor
 
 #: Written into every checkpoint so a foreign or older file fails with a clear message.
 CHECKPOINT_FORMAT = "labctl.numpy-cnn.v1"
@@ -33,20 +34,6 @@ CHECKPOINT_FORMAT = "labctl.numpy-cnn.v1"
 EVAL_BATCH = 256
 OPTIMIZERS: dict[str, type[Optimizer]] = {"adam": Adam, "adamax": AdaMax}
 
-
-def lr_factor(epoch_index: int, epochs: int, warmup_epochs: int, schedule: str) -> float:
-    """Multiplier of the base learning rate during epoch ``epoch_index`` (0-based).
-
-    The same schedule as the torch engine (``worker.torch_optim.lr_factor``, not imported:
-    a numpy-cnn job should not load torch): linear warm-up reaching the full rate on the
-    first epoch after it, then constant or cosine decay towards 0 just after the last epoch.
-    """
-    if epoch_index < warmup_epochs:
-        return (epoch_index + 1) / (warmup_epochs + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = (epoch_index - warmup_epochs) / max(1, epochs - warmup_epochs)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _load_dataset(spec: JobSpec):

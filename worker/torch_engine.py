@@ -8,6 +8,7 @@ optimizer steps, pinned memory, no host sync per batch) and for resumability on 
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -117,7 +118,8 @@ class TorchEngine:
         # Its own generator: shuffling depends on the seed and the epoch alone, and its state
         # is checkpointed, so a resumed job sees the same batches as an uninterrupted one.
         self.loader_generator = torch.Generator().manual_seed(spec.seed)
-        workers = spec.num_workers
+        # More loader processes than cores only contend with the training threads.
+        workers = min(spec.num_workers, os.cpu_count() or 1)
         loader_options: dict[str, Any] = {
             "batch_size": spec.batch_size, "num_workers": workers, "pin_memory": self.is_cuda,
             "persistent_workers": workers > 0 and self.is_cuda,

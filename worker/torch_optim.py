@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Iterable
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from shared.spec import JobSpec
+from worker.schedule import lr_factor
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -40,19 +40,6 @@ def build_optimizer(spec: JobSpec, params: Iterable[torch.nn.Parameter],
     return cls(params, lr=spec.effective_lr, betas=spec.betas, eps=spec.eps,
                weight_decay=spec.weight_decay, **_kernel_options(cls, device))
 
-
-def lr_factor(epoch_index: int, epochs: int, warmup_epochs: int, schedule: str) -> float:
-    """Multiplier of the base learning rate during epoch ``epoch_index`` (0-based).
-
-    Warm-up rises linearly, reaching the full rate on the first epoch after it (so epoch 0
-    never trains at rate 0); cosine then decays towards 0, reached just after the last epoch.
-    """
-    if epoch_index < warmup_epochs:
-        return (epoch_index + 1) / (warmup_epochs + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = (epoch_index - warmup_epochs) / max(1, epochs - warmup_epochs)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_scheduler(spec: JobSpec, optimizer: torch.optim.Optimizer) -> LambdaLR:
