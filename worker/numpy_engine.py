@@ -94,13 +94,17 @@ class NumpyEngine:
         started = time.perf_counter()
         for batch in range(1, num_batches + 1):
             index = order[(batch - 1) * batch_size:batch * batch_size]
-            logits = self.model.forward(self.train_x[index])
-            loss, grad = softmax_cross_entropy(logits, self.train_y[index])
+            # Overflow on the way to NaN is reported once, as TrainingDiverged, not as
+            # NumPy warnings on the user's terminal.
+            with np.errstate(over="ignore", invalid="ignore"):
+                logits = self.model.forward(self.train_x[index])
+                loss, grad = softmax_cross_entropy(logits, self.train_y[index])
             if not math.isfinite(loss):
                 raise TrainingDiverged(epoch, batch)
             self.optimizer.zero_grad()
-            self.model.backward(grad, input_grad=False)
-            self.optimizer.step()
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.model.backward(grad, input_grad=False)
+                self.optimizer.step()
             total_loss += loss * len(index)
             on_batch(batch, num_batches)
         seconds = time.perf_counter() - started

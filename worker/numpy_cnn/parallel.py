@@ -66,7 +66,15 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
             or threading.current_thread().name.startswith(THREAD_PREFIX)):
         return [fn(item) for item in items]
     use_single_threaded_blas()
-    return list(_get_pool().map(fn, items))
+    # np.errstate is per thread: carry the caller's floating-point error settings over, so
+    # a caller silencing overflow (the engine, before reporting divergence) silences ours.
+    settings = np.geterr()
+
+    def call(item: T) -> R:
+        with np.errstate(**settings):
+            return fn(item)
+
+    return list(_get_pool().map(call, items))
 
 
 def split_evenly(total: int, parts: int) -> list[slice]:
