@@ -58,3 +58,16 @@ def labctl_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     get_settings.cache_clear()
     yield configure
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Run a module's torch work on one thread. On a shared 2-core runner two OpenMP threads
+    that wait on each other are slowed many times over by any neighbour; one thread is
+    steady, and results are only bitwise reproducible for a fixed thread count anyway."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -11,14 +11,7 @@ import torchvision
 from worker.engine import DataError
 from worker.resnet import Bottleneck, load_init_weights, resnet50
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads that wait on each other crawl on a busy 2-core runner; one is steady.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _outputs_equal(ours: torch.nn.Module, theirs: torch.nn.Module, x: torch.Tensor) -> None:

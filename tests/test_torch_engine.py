@@ -23,15 +23,7 @@ TINY = dict(model="resnet50", dataset="synthetic", image_size=32, limit_train=16
             limit_test=16, batch_size=8, epochs=3, warmup_epochs=1, num_workers=0, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core runner, two OpenMP threads per process that wait on each other are
-    # slowed many times over by any neighbour; one thread is steady (and results are only
-    # bitwise reproducible for a fixed thread count anyway).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def spec_of(**overrides):
