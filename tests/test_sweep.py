@@ -154,3 +154,32 @@ def test_queue_sweep_without_redis_exits_69(labctl_env):
     assert result.exit_code == 69, result.output
     assert result.stdout == "" and "unreachable" in result.stderr
     assert not (Path(env["LABCTL_ARTIFACTS_DIR"]) / "sweeps").exists()
+
+
+@pytest.mark.integration
+def test_queue_sweep_runs_on_a_real_worker_and_compare_reads_its_artefacts(
+        redis_server, labctl_env, tmp_path):
+    from procs import WorkerProcess, wait_for
+
+    env = labctl_env(redis_url=redis_server.url)
+    worker = WorkerProcess(redis_server.url, tmp_path / "worker.log", queues="cpu",
+                           env=env).start().wait_ready()
+    try:
+        result = sweep(*TINY, "--opt", "adam,adamax", "--seeds", "2")
+        assert result.exit_code == 0, result.output
+        sweep_id, *job_ids = result.stdout.split()
+        records = JobRecords(redis_server.client())
+        wait_for(lambda: all(records.get(j)["state"] in ("succeeded", "failed", "cancelled")
+                             for j in job_ids), timeout=240, what="the sweep's jobs to end")
+        assert [records.get(j)["state"] for j in job_ids] == ["succeeded"] * 4, \
+            worker.log_text()[-2000:]
+    finally:
+        worker.stop()
+
+    compared = runner.invoke(cli, ["compare", sweep_id, "--json",
+                                   "--artifacts-dir", env["LABCTL_ARTIFACTS_DIR"]])
+    assert compared.exit_code == 0, compared.output
+    (block,) = json.loads(compared.stdout)["blocks"]
+    test = next(t for t in block["tests"] if t["figure"] == "final_accuracy")
+    assert test["n_pairs"] == 2 and test["seeds"] == [0, 1]
+    assert test["difference"] == "adamax - adam"
