@@ -53,7 +53,10 @@ def compare(refs: tuple[str, ...], artifacts_dir: str | None, by: str, output: s
     if output:
         from cli.analysis.plotting import plot_curves
 
-        plot_curves(analysis.blocks, ["loss", "accuracy", "f1"], output)
+        try:
+            plot_curves(analysis.blocks, ["loss", "accuracy", "f1"], output)
+        except OSError as exc:
+            raise BadSpec(f"cannot write {output}: {exc.strerror}") from None
         click.echo(f"labctl: curves written to {output}", err=True)
     if as_json:
         click.echo(json.dumps(analysis.to_json(), indent=2, default=str))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
-from cli.errors import EXIT_CODES
+from cli.errors import EXIT_CODES, EXIT_INTERRUPTED
 
 # (module, attribute) of every top-level command, in --help order.
 COMMANDS = [
@@ -39,7 +40,16 @@ for module_name, attr in COMMANDS:
 
 
 def main() -> None:
-    cli(prog_name="labctl")
+    # Not Click's standalone mode: its Ctrl-C handling prints "Aborted!" and exits 1.
+    try:
+        code = cli.main(prog_name="labctl", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("\nlabctl: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)  # ctx.exit(n) returns n here
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cli.compare import load_analysis
+from cli.errors import BadSpec
 from cli.run import artifacts_dir_option
 
 DEFAULT_BENCHMARKS = "docs/benchmarks.md"
@@ -46,7 +47,10 @@ def report(refs: tuple[str, ...], out_dir: str, artifacts_dir: str | None, by: s
 
         click.echo("labctl: measuring benchmarks (--bench) ...", err=True)
         inputs.measured_md = measure_markdown(quick=True)
-    path = write_report(inputs, Path(out_dir))
+    try:
+        path = write_report(inputs, Path(out_dir))
+    except OSError as exc:
+        raise BadSpec(f"cannot write the report to {out_dir}: {exc.strerror}") from None
     for written in inputs.written:
         click.echo(str(written))
     click.echo(f"labctl: report written to {path}", err=True)

@@ -12,7 +12,7 @@ from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
 from cli.spec_options import spec_options, to_spec
 from shared.artifacts import ArtifactStore, InvalidJobId, new_job_id
 from shared.settings import get_settings
-from shared.spec import SpecError, check_runtime, resolve_data_root
+from shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
 from worker.runner import KeyboardInterruptWithOutcome, Reporter, epoch_line, run_job
 
 
@@ -20,6 +20,17 @@ def artifacts_dir_option(fn):
     return click.option(
         "--artifacts-dir", type=click.Path(file_okay=False), default=None,
         help="where job folders go [$LABCTL_ARTIFACTS_DIR or ./artifacts]")(fn)
+
+
+def checked_for_this_host(spec: JobSpec) -> JobSpec:
+    """Resolve data_root and run the host checks before any job folder exists, so a typo in
+    --data-root exits 2 and leaves no debris."""
+    spec = resolve_data_root(spec, get_settings().data_dir)
+    try:
+        check_runtime(spec)
+    except SpecError as exc:
+        raise BadSpec(str(exc)) from None
+    return spec
 
 
 class TerminalReporter(Reporter):
@@ -80,11 +91,7 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
     else:
         spec = to_spec(spec_values)
         job_id = new_job_id()
-    spec = resolve_data_root(spec, get_settings().data_dir)
-    try:  # host checks before a job folder exists: a typo in --data-root leaves no debris
-        check_runtime(spec)
-    except SpecError as exc:
-        raise BadSpec(str(exc)) from None
+    spec = checked_for_this_host(spec)
     try:
         outcome = run_job(spec, job_id, store, TerminalReporter(spec.epochs))
     except KeyboardInterruptWithOutcome:

@@ -13,7 +13,7 @@ import sys
 import click
 
 from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed
-from cli.run import TerminalReporter, artifacts_dir_option
+from cli.run import TerminalReporter, artifacts_dir_option, checked_for_this_host
 from cli.spec_options import spec_options, to_spec
 from shared.artifacts import ArtifactStore, new_job_id
 from shared.settings import get_settings
@@ -72,7 +72,8 @@ def sweep(spec_values: dict, seeds: int | None, local: bool, artifacts_dir: str 
                                   env=thread_env() if local else None, seeds=seeds,
                                   artifacts_dir=artifacts_dir))
 
-    if local:
+    if local:  # this host runs the jobs: check data and device for all before any starts
+        jobs = [(params, checked_for_this_host(spec)) for params, spec in jobs]
         entries = [{"job_id": new_job_id(), "params": params} for params, _ in jobs]
         manifest = save()
         if not as_json:

@@ -208,6 +208,8 @@ def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = p.read_text()
     except FileNotFoundError:
         raise SpecError(None, f"spec file {p} not found") from None
+    except UnicodeDecodeError:
+        raise SpecError(None, f"spec file {p} is not UTF-8 text") from None
     except OSError as exc:
         raise SpecError(None, f"cannot read spec file {p}: {exc.strerror}") from None
     try:

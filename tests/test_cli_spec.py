@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -127,3 +128,34 @@ def test_generated_good_specs_validate(epochs, lr, batch):
     assert result.exit_code == 0, result.output
     shown = json.loads(result.stdout)
     assert shown["epochs"] == epochs and math.isclose(shown["lr"], lr)
+
+
+def test_binary_spec_file_exits_2(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(bytes(range(128, 256)))
+    assert_clean_failure(invoke("validate", str(path)), mentions="not UTF-8")
+
+
+def test_ctrl_c_in_any_command_exits_130(monkeypatch, capsys):
+    import cli.main as entry
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry.cli, "main", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+    assert exited.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_entry_point_keeps_click_exit_codes(monkeypatch, capsys):
+    import cli.main as entry
+
+    for argv, code in ((["labctl", "--version"], 0), (["labctl", "run", "--bogus"], 2),
+                       (["labctl", "spec", "show", "--epochs", "0"], 2)):
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises(SystemExit) as exited:
+            entry.main()
+        assert exited.value.code == code, argv
+    assert "epochs:" in capsys.readouterr().err

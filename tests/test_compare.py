@@ -251,3 +251,12 @@ def test_plain_language_conclusion(optimizer_sweep, tmp_path):
     analysis = analyse([str(tmp_path)], tmp_path)
     assert "still improving at its last epoch" in block_conclusion(analysis.blocks[0],
                                                                    analysis.tests[0])
+
+
+def test_unwritable_plot_path_exits_2(optimizer_sweep, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = compare("sw-test", "--artifacts-dir", str(optimizer_sweep),
+                     "-o", str(blocker / "curves.png"))
+    assert result.exit_code == 2
+    assert "cannot write" in result.stderr and "Traceback" not in result.output

@@ -119,3 +119,22 @@ def test_no_data_root_is_a_data_error():
     s = build_spec({"model": "numpy-cnn", "dataset": "mnist", "data_root": None})
     with pytest.raises(DataError, match="needs data_root"):
         load_arrays(s)
+
+
+def test_damaged_deflate_stream_is_reported(tmp_path):
+    # A valid gzip header with a broken compressed body raises zlib.error, not OSError.
+    root = make_mini_mnist(tmp_path, gz=True)
+    path = root / "train-images-idx3-ubyte.gz"
+    data = bytearray(path.read_bytes())
+    data[20:60] = bytes(40)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"cannot read train-images-idx3-ubyte.gz"):
+        load_arrays(spec(root))
+
+
+def test_images_and_labels_from_two_copies_are_refused(tmp_path):
+    root = make_mini_mnist(tmp_path, layout="torchvision")
+    stray = mnist_images(np.arange(30) % 10, seed=1)
+    write_idx(root / "train-images-idx3-ubyte", stray)  # a second copy at the top
+    with pytest.raises(DataError, match=r"keep one copy of MNIST"):
+        load_arrays(spec(root))

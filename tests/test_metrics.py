@@ -105,6 +105,8 @@ def test_epoch_sets_the_running_job_gauges_and_observes_epoch_time():
     assert value("labctl_job_images_per_second", **labels) == 640.0
     assert value("labctl_job_learning_rate", **labels) == 0.002
     assert value("labctl_job_epoch", **labels) == 1
+    # epoch + progress never passes the epoch count: the finished epoch is in EPOCH alone
+    assert value("labctl_job_epoch_progress_ratio", **labels) == 0
     assert value("labctl_epoch_duration_seconds_count", **SPEC_LABELS) == before + 1
     assert value("labctl_epoch_duration_seconds_bucket", **SPEC_LABELS, le="2.5") >= 1
     reporter.on_end("succeeded", {})

@@ -183,3 +183,13 @@ def test_queue_sweep_runs_on_a_real_worker_and_compare_reads_its_artefacts(
     test = next(t for t in block["tests"] if t["figure"] == "final_accuracy")
     assert test["n_pairs"] == 2 and test["seeds"] == [0, 1]
     assert test["difference"] == "adamax - adam"
+
+
+def test_local_sweep_checks_the_host_before_any_job_starts(tmp_path):
+    art = tmp_path / "art"
+    result = sweep("--model", "numpy-cnn", "--dataset", "mnist", "--data-root",
+                   str(tmp_path / "nowhere"), "--opt", "adam,adamax", "--epochs", "1",
+                   "--local", "--artifacts-dir", str(art))
+    assert result.exit_code == 2
+    assert "data_root" in result.stderr
+    assert not art.exists() or not ArtifactStore(art).job_ids()

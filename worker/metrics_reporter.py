@@ -106,6 +106,8 @@ class MetricsReporter(Reporter):
             if value is not None:
                 self._gauge(gauge).set(value)
         self._gauge(m.EPOCH).set(row["epoch"])
+        # The finished epoch is counted in EPOCH; progress is the next one's, none yet.
+        self._gauge(m.EPOCH_PROGRESS).set(0)
         seconds = row.get("epoch_seconds")
         if seconds is not None and math.isfinite(seconds):
             m.EPOCH_DURATION.labels(*self.spec_labels).observe(seconds)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -128,9 +129,15 @@ def decode_images(samples: ImageSamples, short: int, cache_dir: Path | None) -> 
         # Write to temporary names then rename, data first: a reader that sees the index
         # file always finds complete data, and two writers racing just write the same bytes.
         for final, array in zip(files, (data, index), strict=True):
-            tmp = f"{final}.{os.getpid()}.tmp.npy"
-            np.save(tmp, array)
-            os.replace(tmp, final)
+            # A unique name: compose replicas sharing the cache volume are all PID 1.
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npy")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, array)
+                os.replace(tmp, final)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
     except OSError as exc:
         log.warning("cannot write the decode cache in %s (%s); continuing without it",
                     cache_dir, exc)

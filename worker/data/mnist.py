@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {path.name} at {path.parent}: {exc}") from None
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -70,6 +71,9 @@ def read_mnist_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, H, W) uint8, labels (N,) int64) of "train" or "test"."""
     img_name, lbl_name = FILES[split]
     img_path, lbl_path = find_idx_file(root, img_name), find_idx_file(root, lbl_name)
+    if img_path.parent != lbl_path.parent:  # images of one copy with labels of another
+        raise DataError(f"{img_path.name} is at {img_path.parent} but {lbl_path.name} is at "
+                        f"{lbl_path.parent}: keep one copy of MNIST under {root}")
     images = read_idx(img_path, IMAGES_MAGIC, 3)
     labels = read_idx(lbl_path, LABELS_MAGIC, 1).astype(np.int64)
     if len(images) != len(labels):
