@@ -12,8 +12,8 @@ from typing import Any
 
 import redis
 
-from cli.errors import EXIT_USAGE, BrokerUnavailable, LabctlError, NotFound
-from shared.artifacts import InvalidJobId, validate_job_id
+from cli.errors import EXIT_USAGE, BadSpec, BrokerUnavailable, LabctlError, NotFound
+from shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
 from shared.records import JobRecords, connect
 from shared.settings import get_settings, redact_url, url_host
 
@@ -61,9 +61,12 @@ def broker_errors() -> Iterator[None]:
 
 def open_records() -> JobRecords:
     """Records on ``LABCTL_REDIS_URL``, checked with a ping so the error comes first."""
-    client = connect(get_settings().redis_url, timeout=CLI_TIMEOUT, retries=0)
-    with broker_errors():
-        client.ping()
+    try:
+        client = connect(get_settings().redis_url, timeout=CLI_TIMEOUT, retries=0)
+        with broker_errors():
+            client.ping()
+    except ValueError:  # unparsable URL; it may hold a password, so it is not echoed
+        raise BadSpec("LABCTL_REDIS_URL is not a valid redis:// URL") from None
     return JobRecords(client)
 
 
@@ -89,3 +92,14 @@ def submit_or_exit(spec, records: JobRecords) -> str:
         if isinstance(exc.__cause__, OperationalError | redis.ConnectionError | OSError):
             raise unavailable(exc.__cause__) from None
         raise LabctlError(str(exc)) from None
+
+
+def open_records_unless_local(job_id: str) -> JobRecords | None:
+    """Records, or ``None`` when Redis is unreachable but the job's folder is on this host
+    (a `labctl run` job needs no Redis to be inspected). Otherwise exit 69 as usual."""
+    try:
+        return open_records()
+    except BrokerUnavailable:
+        if ArtifactStore(get_settings().artifacts_dir).job(job_id).exists():
+            return None
+        raise

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import click
 
-from cli.broker import broker_errors, checked_job_id, open_records
+from cli.broker import broker_errors, checked_job_id, open_records_unless_local
 from cli.errors import EXIT_INTERRUPTED, NotFound
 from shared.artifacts import ArtifactStore
 from shared.records import TERMINAL_STATES, JobRecords
@@ -44,9 +44,11 @@ def follow_log(records: JobRecords, job_id: str, emit: Callable[[str], None], *,
 def logs(job_id: str, follow: bool, as_json: bool) -> None:
     """Print a job's log: one line per epoch, plus starts, resumes and the outcome."""
     job_id = checked_job_id(job_id)
-    records = open_records()
-    with broker_errors():
-        state = records.state(job_id)
+    records = open_records_unless_local(job_id)
+    state = None
+    if records is not None:
+        with broker_errors():
+            state = records.state(job_id)
     lines: list[str] = []
     emit = lines.append if as_json else click.echo
     if state is None:

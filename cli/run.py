@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 
@@ -31,6 +32,12 @@ def checked_for_this_host(spec: JobSpec) -> JobSpec:
     except SpecError as exc:
         raise BadSpec(str(exc)) from None
     return spec
+
+
+def quiet_crash_tracebacks() -> None:
+    """A crashed job ends in one line on the terminal (the outcome); its traceback stays in
+    the job's log.txt. Workers keep logging tracebacks through Celery's handlers."""
+    logging.getLogger("worker.runner").setLevel(logging.CRITICAL)
 
 
 class TerminalReporter(Reporter):
@@ -83,7 +90,10 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
             folder = store.job(resume_id)
         except InvalidJobId as exc:
             raise BadSpec(str(exc)) from None
-        stored = folder.read_spec()
+        try:
+            stored = folder.read_spec()
+        except (ValueError, OSError) as exc:
+            raise BadSpec(f"cannot read {folder.spec_path}: {exc}") from None
         if stored is None:
             raise NotFound(f"no job {resume_id} under {store.root}")
         spec = to_spec({**stored, **spec_values})
@@ -92,6 +102,7 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
         spec = to_spec(spec_values)
         job_id = new_job_id()
     spec = checked_for_this_host(spec)
+    quiet_crash_tracebacks()
     try:
         outcome = run_job(spec, job_id, store, TerminalReporter(spec.epochs))
     except KeyboardInterruptWithOutcome:

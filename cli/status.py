@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cli.broker import broker_errors, checked_job_id, open_records
+from cli.broker import broker_errors, checked_job_id, open_records_unless_local
 from cli.errors import NotFound
 from shared.artifacts import ArtifactStore
 from shared.settings import get_settings
@@ -18,9 +18,11 @@ REQUIRED_KEYS = ("id", "state", "epoch", "epochs", "metrics", "error", "artifact
 
 def load_status(job_id: str) -> dict[str, Any]:
     """The job's record; for a job never queued (``labctl run``), its folder's status.json."""
-    records = open_records()
-    with broker_errors():
-        record = records.get(job_id)
+    records = open_records_unless_local(job_id)
+    record = None
+    if records is not None:
+        with broker_errors():
+            record = records.get(job_id)
     if record is None:
         folder = ArtifactStore(get_settings().artifacts_dir).job(job_id)
         record = folder.read_status() if folder.exists() else None

@@ -13,7 +13,12 @@ import sys
 import click
 
 from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed
-from cli.run import TerminalReporter, artifacts_dir_option, checked_for_this_host
+from cli.run import (
+    TerminalReporter,
+    artifacts_dir_option,
+    checked_for_this_host,
+    quiet_crash_tracebacks,
+)
 from cli.spec_options import spec_options, to_spec
 from shared.artifacts import ArtifactStore, new_job_id
 from shared.settings import get_settings
@@ -110,6 +115,7 @@ def _run_locally(root: str, entries: list[dict], specs: list[JobSpec]) -> dict[s
     from worker.runner import KeyboardInterruptWithOutcome, run_job
 
     store = ArtifactStore(root)
+    quiet_crash_tracebacks()
     states = {}
     for n, (entry, spec) in enumerate(zip(entries, specs, strict=True), start=1):
         job_id = entry["job_id"]

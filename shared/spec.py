@@ -151,8 +151,8 @@ def resolve_data_root(spec: JobSpec, default: str | None) -> JobSpec:
 def check_runtime(spec: JobSpec, allowed_data_dir: str | None = None) -> None:
     """Checks that need the host the job runs on. Raises :class:`SpecError`.
 
-    ``allowed_data_dir``: when set (the worker), ``data_root`` must resolve under it, so a
-    queued spec cannot make a worker read arbitrary paths.
+    ``allowed_data_dir``: when set (the worker), ``data_root`` and ``init_weights`` must
+    resolve under it, so a queued spec cannot make a worker read arbitrary paths.
     """
     if spec.dataset in FILE_DATASETS:
         if not spec.data_root:
@@ -166,6 +166,12 @@ def check_runtime(spec: JobSpec, allowed_data_dir: str | None = None) -> None:
                                 f"directory {allowed}")
         if not root.is_dir():
             raise SpecError("data_root", f"{spec.data_root} does not exist or is not a folder")
+    if spec.init_weights and allowed_data_dir is not None:
+        weights = Path(spec.init_weights).expanduser().resolve()
+        allowed = Path(allowed_data_dir).expanduser().resolve()
+        if allowed not in weights.parents:
+            raise SpecError("init_weights", f"{spec.init_weights} is outside the worker's data "
+                            f"directory {allowed}")
     if spec.device.startswith("cuda"):
         import torch  # deferred: importing torch costs a second and the CLI rarely needs it
 

@@ -132,7 +132,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not p.is_file():
         raise DataError(f"expected init weights checkpoint at {p}")
     # weights_only: a checkpoint from the internet must not be able to run code on unpickling.
-    blob = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, a truncated one, or pickled code
+        raise DataError(f"cannot read init weights {p}: not a torch checkpoint of tensors "
+                        f"({type(exc).__name__})") from None
     for key in ("model", "state_dict"):
         if isinstance(blob, dict) and isinstance(blob.get(key), dict):
             blob = blob[key]

@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,12 +123,19 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
     """
     reporter = reporter or Reporter()
     spec = resolve_data_root(spec, default_data_root)
-    folder = store.job(job_id).create()
-    write_json(folder.spec_path, spec.model_dump(mode="json"))
-    status = folder.read_status()
-    folder.update_status(state="running", started_at=status.get("started_at") or utc_now(),
-                         finished_at=None, error=None, epochs=spec.epochs,
-                         epoch=status.get("epoch", 0), **(status_extra or {}))
+    folder = store.job(job_id)
+    try:
+        folder.create()
+        write_json(folder.spec_path, spec.model_dump(mode="json"))
+        status = folder.read_status()
+        folder.update_status(state="running", started_at=status.get("started_at") or utc_now(),
+                             finished_at=None, error=None, epochs=spec.epochs,
+                             epoch=status.get("epoch", 0), **(status_extra or {}))
+    except (OSError, ValueError) as exc:  # unwritable store, or a corrupt status.json
+        # No folder to record it in: the reporter (the queue's record) is the only witness.
+        error = f"cannot write the job folder {folder.path}: {exc}"
+        reporter.on_end("failed", {"error": error, "summary": {}})
+        return RunOutcome(job_id, "failed", error, {}, failure="crash")
     started = time.monotonic()
     try:
         summary = _train(spec, folder, reporter, allowed_data_dir, started)
@@ -143,6 +151,7 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
         return _finish(folder, reporter, "failed", str(exc), failure="diverged")
     except Exception as exc:  # the job fails; the worker lives on to take the next one
         log.exception("job %s crashed", job_id)
+        folder.log(traceback.format_exc().rstrip())  # for `labctl logs`, wherever it ran
         return _finish(folder, reporter, "failed", _describe_crash(exc, spec), failure="crash")
     return _finish(folder, reporter, "succeeded", None, summary)
 
@@ -180,10 +189,9 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
     seed_everything(spec.seed)
     engine = build_engine(spec)
     checkpoint = folder.path / engine.checkpoint_name
-    start_epoch = 0
-    if checkpoint.exists():
-        start_epoch = engine.load_checkpoint(checkpoint)
-        folder.keep_metrics_through(start_epoch)
+    start_epoch = engine.load_checkpoint(checkpoint) if checkpoint.exists() else 0
+    folder.keep_metrics_through(start_epoch)  # rows of epochs the checkpoint does not hold
+    if start_epoch:
         folder.log(f"resumed from checkpoint after epoch {start_epoch}")
     info = {"num_classes": engine.num_classes, "train_size": engine.train_size,
             "test_size": engine.test_size, "start_epoch": start_epoch}
@@ -211,11 +219,12 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         if evaluated.top5 is not None:
             row["test_top5_accuracy"] = evaluated.top5
         row.update(evaluated.extra)
-        # Checkpoint before the metrics row: a crash in between re-runs this epoch and the
-        # resume truncation keeps each epoch exactly once.
-        engine.save_checkpoint(checkpoint, epoch, spec.model_dump(mode="json"))
+        # The row before the checkpoint: a crash in between resumes from epoch - 1, re-runs
+        # this epoch, and the resume truncation drops the orphan row, so each epoch appears
+        # exactly once (the other order would lose this epoch's row for good).
         folder.append_metrics(row)
         folder.log(epoch_line(row, spec.epochs))
+        engine.save_checkpoint(checkpoint, epoch, spec.model_dump(mode="json"))
         folder.update_status(epoch=epoch, metrics=row)
         reporter.on_epoch(row)
 

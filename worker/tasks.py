@@ -89,6 +89,14 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         log.info("job %s attempt %d not run: %s", job_id, attempt, claimed)
         return {"job_id": job_id, "attempt": attempt, "skipped": claimed}
     log.info("job %s attempt %d claimed by %s", job_id, attempt, hostname)
+    ended = _ended_in_its_folder(store, job_id)
+    if ended is not None:
+        # A previous attempt ended the job but could not tell Redis (an outage at the very
+        # end), so the reaper requeued it: the folder is the truth; do not train it again.
+        records.update_owned(job_id, owner, state=ended["state"], error=ended.get("error"),
+                             finished_at=ended.get("finished_at") or now_iso())
+        log.warning("job %s had already ended %s; record corrected", job_id, ended["state"])
+        return {"job_id": job_id, "attempt": attempt, "skipped": "ended"}
     records.append_log(job_id, f"attempt {attempt} started on {hostname}")
 
     try:
@@ -104,6 +112,15 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         raise Reject(error, requeue=False) from None
 
     return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
+
+
+def _ended_in_its_folder(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
+    """status.json of a job that already reached a final state, else None."""
+    try:
+        status = store.job(job_id).read_status()
+    except (OSError, ValueError):
+        return None
+    return status if status.get("state") in ("succeeded", "failed", "cancelled") else None
 
 
 def _retrying(call, seconds: float = CLAIM_RETRY_SECONDS):

@@ -1,0 +1,123 @@
+"""Failures at awkward moments: crashes between two writes, unwritable stores, broken files,
+bad URLs, and reading a local job while Redis is down."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from shared.artifacts import ArtifactStore, new_job_id
+from shared.spec import SpecError, build_spec, check_runtime
+from worker import runner as runner_module
+from worker.runner import run_job
+
+TINY = {"model": "numpy-cnn", "dataset": "digits", "epochs": 3, "limit_train": 200,
+        "limit_test": 60, "batch_size": 50}
+
+
+def invoke(*args: str, env: dict | None = None):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False, env=env)
+
+
+def test_crash_between_metrics_row_and_checkpoint_keeps_every_epoch_once(tmp_path,
+                                                                        monkeypatch):
+    store, job_id, spec = ArtifactStore(tmp_path), new_job_id(), build_spec(TINY)
+    real_build = runner_module.build_engine
+
+    def engine_that_dies_saving_epoch_2(spec):
+        engine = real_build(spec)
+        real_save = engine.save_checkpoint
+
+        def save(path, epoch, spec_dict):
+            if epoch == 2:
+                raise RuntimeError("killed while writing the checkpoint")
+            real_save(path, epoch, spec_dict)
+
+        engine.save_checkpoint = save
+        return engine
+
+    monkeypatch.setattr(runner_module, "build_engine", engine_that_dies_saving_epoch_2)
+    assert run_job(spec, job_id, store).state == "failed"
+    monkeypatch.setattr(runner_module, "build_engine", real_build)
+    assert run_job(spec, job_id, store).state == "succeeded"
+    assert [r["epoch"] for r in store.job(job_id).read_metrics()] == [1, 2, 3]
+
+
+def test_unwritable_artifact_store_fails_in_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = invoke("run", "--model", "numpy-cnn", "--dataset", "digits", "--epochs", "1",
+                    "--artifacts-dir", str(blocker / "store"))
+    assert result.exit_code == 1
+    assert "cannot write the job folder" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_worker_refuses_init_weights_outside_its_data_dir(tmp_path):
+    (tmp_path / "data").mkdir()
+    inside = tmp_path / "data" / "w.pt"
+    spec = build_spec({"dataset": "synthetic", "init_weights": "/etc/passwd"})
+    with pytest.raises(SpecError, match="init_weights: .* outside"):
+        check_runtime(spec, allowed_data_dir=str(tmp_path / "data"))
+    check_runtime(build_spec({"dataset": "synthetic", "init_weights": str(inside)}),
+                  allowed_data_dir=str(tmp_path / "data"))
+    check_runtime(spec)  # labctl run on one's own machine may read any file
+
+
+def test_init_weights_that_are_not_a_checkpoint_exit_2(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    result = invoke("run", "--model", "resnet50", "--dataset", "synthetic", "--epochs", "1",
+                    "--limit-train", "8", "--limit-test", "8", "--num-workers", "0",
+                    "--image-size", "32", "--init-weights", str(junk),
+                    "--artifacts-dir", str(tmp_path / "art"))
+    assert result.exit_code == 2
+    assert "not a torch checkpoint" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_resume_with_a_corrupt_spec_exits_2(tmp_path):
+    job_id = new_job_id()
+    folder = ArtifactStore(tmp_path).job(job_id).create()
+    folder.spec_path.write_text('{"model": "numpy-cn')
+    result = invoke("run", "--resume", job_id, "--artifacts-dir", str(tmp_path))
+    assert result.exit_code == 2 and "cannot read" in result.stderr
+
+
+def test_malformed_redis_url_exits_2_without_echoing_it(tmp_path):
+    env = {"LABCTL_REDIS_URL": "redis://:S3CRET@127.0.0.1:63x79/0",
+           "LABCTL_ARTIFACTS_DIR": str(tmp_path)}
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        result = invoke("list", env=env)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2
+    assert "LABCTL_REDIS_URL" in result.stderr and "S3CRET" not in result.output
+
+
+def test_local_job_is_readable_while_redis_is_down(tmp_path):
+    from procs import free_port
+
+    from shared.settings import get_settings
+
+    ran = invoke("run", "--model", "numpy-cnn", "--dataset", "digits", "--epochs", "1",
+                 "--limit-train", "100", "--artifacts-dir", str(tmp_path), "--json")
+    job_id = json.loads(ran.stdout)["job_id"]
+    env = {"LABCTL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+           "LABCTL_ARTIFACTS_DIR": str(tmp_path)}
+    get_settings.cache_clear()
+    try:
+        status = invoke("status", job_id, "--json", env=env)
+        logs = invoke("logs", job_id, env=env)
+        missing = invoke("status", new_job_id(), env=env)
+    finally:
+        get_settings.cache_clear()
+    assert status.exit_code == 0 and json.loads(status.stdout)["state"] == "succeeded"
+    assert logs.exit_code == 0 and "epoch 1/1" in logs.stdout
+    assert missing.exit_code == 69  # not here and no Redis: still the broker's fault
