@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.docs_page import write_section
+from bench.docs_page import BENCHMARKS_PAGE, write_section
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "benchmarks.md"
+DOC = BENCHMARKS_PAGE
 SECTION = "numpy-vs-torch"
 GOAL, STRETCH = 1.0, 0.75
 

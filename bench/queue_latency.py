@@ -23,10 +23,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.docs_page import write_section
+from bench.docs_page import BENCHMARKS_PAGE, write_section
 
 REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "benchmarks.md"
+DOC = BENCHMARKS_PAGE
 SECTION = "queue"
 GOAL_P50_MS = 100.0
 TINY_JOB = {"model": "numpy-cnn", "dataset": "digits", "epochs": 1, "batch_size": 64,
