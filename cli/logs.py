@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 
 import click
 
 from cli.broker import broker_errors, checked_job_id, open_records_unless_local
-from cli.errors import EXIT_INTERRUPTED, NotFound
+from cli.errors import NotFound
 from shared.artifacts import ArtifactStore
 from shared.records import TERMINAL_STATES, JobRecords
 from shared.settings import get_settings
@@ -60,9 +59,7 @@ def logs(job_id: str, follow: bool, as_json: bool) -> None:
         for line in folder.read_log():
             emit(line)
     else:
-        try:
-            state = follow_log(records, job_id, emit, follow=follow)
-        except KeyboardInterrupt:  # the usual way to leave --follow: no traceback
-            sys.exit(EXIT_INTERRUPTED)
+        # Ctrl-C, the usual way to leave --follow, exits 130 at the entry point (cli.main).
+        state = follow_log(records, job_id, emit, follow=follow)
     if as_json:
         click.echo(json.dumps({"id": job_id, "state": state, "lines": lines}, indent=2))
