@@ -82,14 +82,11 @@ class RunOutcome:
     failure: str | None = None
 
 
-def seed_everything(seed: int) -> None:
+def seed_global_generators(seed: int) -> None:
+    """Python's and NumPy's global generators, for any library that draws from them. Each
+    engine seeds its own streams (torch's included), so a numpy-cnn job never imports torch."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency, but numpy jobs need none
-        return
-    torch.manual_seed(seed)
 
 
 def build_engine(spec: JobSpec) -> Engine:
@@ -186,7 +183,7 @@ def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None
 def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
            allowed_data_dir: str | None, started: float) -> dict[str, Any]:
     check_runtime(spec, allowed_data_dir)
-    seed_everything(spec.seed)
+    seed_global_generators(spec.seed)
     engine = build_engine(spec)
     checkpoint = folder.path / engine.checkpoint_name
     start_epoch = engine.load_checkpoint(checkpoint) if checkpoint.exists() else 0
