@@ -37,11 +37,17 @@ pytestmark = [
 ]
 
 PASSWORD = "metrics-test-pw"
-SCRAPE_SECONDS = 1
-#: The AdaMax job must span several scrapes: small batches make each digits epoch slower.
-LONG_JOB = {"model": "numpy-cnn", "opt": "adamax", "dataset": "digits", "epochs": 8,
+SCRAPE_SECONDS = 0.5
+#: Both jobs must span several scrapes, and a digits epoch at batch 8 takes only 0.15 s on a
+#: quiet machine: a job's gauges live from its first epoch's end to its last.
+LONG_JOB = {"model": "numpy-cnn", "opt": "adamax", "dataset": "digits", "epochs": 12,
             "batch-size": 8, "seed": 1}
-SHORT_JOB = {**LONG_JOB, "opt": "adam", "epochs": 3, "seed": 2}
+SHORT_JOB = {**LONG_JOB, "opt": "adam", "epochs": 10, "seed": 2}
+
+
+def duration(seconds: float) -> str:
+    """Prometheus' duration syntax takes no fractions: 0.5 s is "500ms"."""
+    return f"{round(seconds * 1000)}ms"
 #: metrics.jsonl column -> the running-job gauge that must carry it.
 ROW_TO_METRIC = {
     "train_loss": "labctl_job_train_loss",
@@ -88,11 +94,11 @@ class Prometheus:
         deploy = yaml.safe_load(PROMETHEUS_YML.read_text())
         job = next(j for j in deploy["scrape_configs"] if j["job_name"] == "labctl-worker")
         config = {
-            "global": {"scrape_interval": f"{SCRAPE_SECONDS}s",
-                       "evaluation_interval": f"{SCRAPE_SECONDS}s"},
+            "global": {"scrape_interval": duration(SCRAPE_SECONDS),
+                       "evaluation_interval": duration(SCRAPE_SECONDS)},
             "scrape_configs": [{
-                "job_name": job["job_name"], "scrape_interval": f"{SCRAPE_SECONDS}s",
-                "scrape_timeout": f"{SCRAPE_SECONDS}s",
+                "job_name": job["job_name"], "scrape_interval": duration(SCRAPE_SECONDS),
+                "scrape_timeout": duration(SCRAPE_SECONDS),
                 "static_configs": [{"targets": [f"127.0.0.1:{worker_port}"],
                                     "labels": {"pool": "cpu"}}],
             }],
@@ -314,8 +320,8 @@ def test_prometheus_stored_the_values_of_metrics_jsonl(observed):
 
 def _variables(observed: Observed) -> dict[str, str]:
     # Grafana renders a multi-value selection as a regex alternation.
-    return {**GRAFANA_VARIABLES, "$__rate_interval": f"{4 * SCRAPE_SECONDS + 1}s",
-            "$__interval": f"{SCRAPE_SECONDS}s",
+    return {**GRAFANA_VARIABLES, "$__rate_interval": duration(4 * SCRAPE_SECONDS + 1),
+            "$__interval": duration(SCRAPE_SECONDS),
             "$__range": f"{int(observed.end - observed.start) + 10}s",
             "$model": LONG_JOB["model"], "$dataset": LONG_JOB["dataset"],
             "$optimizer": f"({SHORT_JOB['opt']}|{LONG_JOB['opt']})",
@@ -353,7 +359,7 @@ def test_every_dashboard_query_returns_data(observed):
             result = observed.prometheus.api("query", query=expr, time=observed.end)
         else:
             result = observed.prometheus.api("query_range", query=expr, start=observed.start,
-                                             end=observed.end, step=f"{SCRAPE_SECONDS}s")
+                                             end=observed.end, step=SCRAPE_SECONDS)
         if not _finite_values(result):
             empty.append(f"{title}: {expr}")
     assert not empty, "queries without data:\n" + "\n".join(empty)
