@@ -52,6 +52,12 @@ def request_handback(reason: str) -> None:
     _handback.set()
 
 
+def record_summary(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of summary.json the job record keeps (the rest stays in the folder)."""
+    summary = summary or {}
+    return {k: summary[k] for k in ("final", "best", "total_seconds") if k in summary} or None
+
+
 class QueueReporter(Reporter):
     def __init__(self, records: JobRecords, job_id: str, owner: str, heartbeat: Heartbeat,
                  *, clock: Callable[[], float] = time.monotonic):
@@ -88,6 +94,14 @@ class QueueReporter(Reporter):
         except redis.RedisError:
             pass  # the heartbeat thread reports outages; training goes on meanwhile
 
+    def before_save(self, epoch: int) -> None:
+        # A worker frozen past its lease (SIGSTOP, swap storm) wakes mid-epoch; the
+        # heartbeat thread may not have noticed yet. One synchronous beat renews the lease
+        # or learns it is gone, so the stale attempt never writes over the folder.
+        self.heartbeat.beat()
+        if self.heartbeat.lost.is_set():
+            raise JobReleased("lease lost to another attempt", lost=True)
+
     def on_epoch(self, row: dict[str, Any]) -> None:
         self._log(epoch_line(row, self.epochs))
         self._update(epoch=row["epoch"], metrics=row, updated_at=now_iso())
@@ -97,10 +111,8 @@ class QueueReporter(Reporter):
         error = result.get("error")
         if error:
             self._log(f"{state}: {error}")
-        summary = result.get("summary") or {}
         fields = {"state": state, "error": error, "finished_at": now_iso(),
-                  "summary": {k: summary[k] for k in ("final", "best", "total_seconds")
-                              if k in summary} or None}
+                  "summary": record_summary(result.get("summary"))}
         deadline = self._clock() + FINAL_WRITE_SECONDS
         while True:
             try:
@@ -159,6 +171,9 @@ class GuardedReporter(Reporter):
 
     def on_batch(self, epoch, batch, num_batches):
         self._call("on_batch", epoch, batch, num_batches)
+
+    def before_save(self, epoch):
+        self._call("before_save", epoch)
 
     def on_epoch(self, row):
         self._call("on_epoch", row)

@@ -36,6 +36,11 @@ class Reporter:
     def on_batch(self, epoch: int, batch: int, num_batches: int) -> None:
         """Called after each batch; may raise :class:`JobCancelled`."""
 
+    def before_save(self, epoch: int) -> None:
+        """Called just before an epoch's results (or the final artefacts) are written to the
+        job folder; may raise to keep a worker that lost the job from writing over the
+        attempt that now owns it."""
+
     def on_epoch(self, row: dict[str, Any]) -> None: ...
 
     def on_end(self, state: str, result: dict[str, Any]) -> None: ...
@@ -57,6 +62,10 @@ class Reporters(Reporter):
     def on_batch(self, epoch, batch, num_batches):
         for r in self.reporters:
             r.on_batch(epoch, batch, num_batches)
+
+    def before_save(self, epoch):
+        for r in self.reporters:
+            r.before_save(epoch)
 
     def on_epoch(self, row):
         for r in self.reporters:
@@ -133,24 +142,39 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
         error = f"cannot write the job folder {folder.path}: {exc}"
         reporter.on_end("failed", {"error": error, "summary": {}})
         return RunOutcome(job_id, "failed", error, {}, failure="crash")
-    started = time.monotonic()
+    clock = RunClock(status.get("run_seconds") or 0.0)
     try:
-        summary = _train(spec, folder, reporter, allowed_data_dir, started)
+        summary = _train(spec, folder, reporter, allowed_data_dir, clock)
     except KeyboardInterrupt:
         outcome = _finish(folder, reporter, "cancelled", "interrupted by the user",
-                          failure="cancelled")
+                          failure="cancelled", clock=clock)
         raise KeyboardInterruptWithOutcome(outcome) from None
     except JobCancelled:
-        return _finish(folder, reporter, "cancelled", "cancelled by the user", failure="cancelled")
+        return _finish(folder, reporter, "cancelled", "cancelled by the user",
+                       failure="cancelled", clock=clock)
     except (SpecError, DataError) as exc:
-        return _finish(folder, reporter, "failed", str(exc), failure="input")
+        return _finish(folder, reporter, "failed", str(exc), failure="input", clock=clock)
     except TrainingDiverged as exc:
-        return _finish(folder, reporter, "failed", str(exc), failure="diverged")
+        return _finish(folder, reporter, "failed", str(exc), failure="diverged", clock=clock)
     except Exception as exc:  # the job fails; the worker lives on to take the next one
         log.exception("job %s crashed", job_id)
         folder.log(traceback.format_exc().rstrip())  # for `labctl logs`, wherever it ran
-        return _finish(folder, reporter, "failed", _describe_crash(exc, spec), failure="crash")
-    return _finish(folder, reporter, "succeeded", None, summary)
+        return _finish(folder, reporter, "failed", _describe_crash(exc, spec), failure="crash",
+                       clock=clock)
+    return _finish(folder, reporter, "succeeded", None, summary, clock=clock)
+
+
+class RunClock:
+    """Seconds a job has run, over all its attempts: each attempt starts from what the
+    folder's status.json recorded, so a resumed job's ``total_seconds`` is the whole run
+    (an attempt's time after its last checkpoint is lost with the worker that ran it)."""
+
+    def __init__(self, before: float = 0.0):
+        self.before = float(before)
+        self._started = time.monotonic()
+
+    def seconds(self) -> float:
+        return self.before + time.monotonic() - self._started
 
 
 class KeyboardInterruptWithOutcome(KeyboardInterrupt):
@@ -168,8 +192,10 @@ def _describe_crash(exc: Exception, spec: JobSpec) -> str:
 
 
 def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None,
-            summary: dict[str, Any] | None = None, failure: str | None = None) -> RunOutcome:
-    folder.update_status(state=state, error=error, finished_at=utc_now())
+            summary: dict[str, Any] | None = None, failure: str | None = None,
+            *, clock: RunClock) -> RunOutcome:
+    folder.update_status(state=state, error=error, finished_at=utc_now(),
+                         run_seconds=clock.seconds())
     if error:
         folder.log(f"{state}: {error}")
     result = {"error": error, "summary": summary or {}}
@@ -181,7 +207,7 @@ def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None
 
 
 def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
-           allowed_data_dir: str | None, started: float) -> dict[str, Any]:
+           allowed_data_dir: str | None, clock: RunClock) -> dict[str, Any]:
     check_runtime(spec, allowed_data_dir)
     seed_global_generators(spec.seed)
     engine = build_engine(spec)
@@ -216,20 +242,22 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         if evaluated.top5 is not None:
             row["test_top5_accuracy"] = evaluated.top5
         row.update(evaluated.extra)
+        reporter.before_save(epoch)
         # The row before the checkpoint: a crash in between resumes from epoch - 1, re-runs
         # this epoch, and the resume truncation drops the orphan row, so each epoch appears
         # exactly once (the other order would lose this epoch's row for good).
         folder.append_metrics(row)
         folder.log(epoch_line(row, spec.epochs))
         engine.save_checkpoint(checkpoint, epoch, spec.model_dump(mode="json"))
-        folder.update_status(epoch=epoch, metrics=row)
+        folder.update_status(epoch=epoch, metrics=row, run_seconds=clock.seconds())
         reporter.on_epoch(row)
 
-    return _write_final_artefacts(spec, folder, engine, started)
+    reporter.before_save(spec.epochs)
+    return _write_final_artefacts(spec, folder, engine, clock)
 
 
 def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
-                           started: float) -> dict[str, Any]:
+                           clock: RunClock) -> dict[str, Any]:
     from worker import plots  # matplotlib import is slow; only finished jobs need it
 
     engine.save_weights(folder.path / engine.weights_name)
@@ -256,7 +284,7 @@ def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
         "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in rows])) if rows else None,
         "mean_images_per_second": (float(np.mean([r["images_per_second"] for r in rows]))
                                    if rows else None),
-        "total_seconds": time.monotonic() - started,
+        "total_seconds": clock.seconds(),
         "finished_at": utc_now(),
     }
     write_json(folder.summary_path, summary)

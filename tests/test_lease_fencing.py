@@ -1,0 +1,66 @@
+"""A worker that lost its lease must not write into the job folder the new attempt owns.
+
+The stale worker here is this test process: its heartbeat thread is never started, as if
+the process had been frozen (SIGSTOP) past the lease and woke mid-epoch before the thread
+noticed. A real private redis-server holds the record.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shared.artifacts import ArtifactStore, new_job_id
+from shared.records import JobRecords, lease_key
+from shared.spec import build_spec
+from worker.queue_reporter import JobReleased, QueueReporter
+from worker.reaper import Heartbeat
+from worker.runner import run_job
+
+pytestmark = pytest.mark.integration
+
+SPEC = build_spec({"model": "numpy-cnn", "dataset": "digits", "epochs": 2, "batch_size": 64,
+                   "limit_train": 128, "limit_test": 64, "num_workers": 0})
+STALE, CURRENT = "w1:1:1", "w2:1:2"
+
+
+@pytest.fixture
+def taken_over(redis_server) -> tuple[JobRecords, str]:
+    """A job whose first attempt (STALE) lost its lease and was claimed again by CURRENT."""
+    records = JobRecords.from_url(redis_server.url)
+    job_id = new_job_id()
+    records.create(job_id, SPEC, "cpu")
+    assert records.claim(job_id, 1, STALE, 0.1, worker="w1") == "claimed"
+    time.sleep(0.2)
+    assert records.requeue_if_dead(job_id)[0] == "requeued"
+    assert records.claim(job_id, 2, CURRENT, 5, worker="w2") == "claimed"
+    return records, job_id
+
+
+def reporter_for(records: JobRecords, job_id: str, owner: str) -> QueueReporter:
+    heartbeat = Heartbeat(records, job_id, owner, interval=60, lease_seconds=5)
+    return QueueReporter(records, job_id, owner, heartbeat)
+
+
+def test_before_save_stops_the_stale_attempt_and_renews_the_current_one(taken_over):
+    records, job_id = taken_over
+    with pytest.raises(JobReleased) as released:
+        reporter_for(records, job_id, STALE).before_save(1)
+    assert released.value.lost
+
+    records.client.pexpire(lease_key(job_id), 100)
+    reporter_for(records, job_id, CURRENT).before_save(1)  # still ours: no exception
+    assert records.client.pttl(lease_key(job_id)) > 1000  # and the lease was renewed
+
+
+def test_a_stale_attempt_writes_no_epoch_into_the_folder(taken_over, tmp_path):
+    records, job_id = taken_over
+    store = ArtifactStore(tmp_path / "artifacts")
+    with pytest.raises(JobReleased):
+        run_job(SPEC, job_id, store, reporter_for(records, job_id, STALE),
+                default_data_root=str(tmp_path))
+    folder = store.job(job_id)
+    assert folder.read_metrics() == []
+    assert not list(folder.path.glob("*.npz")) and not list(folder.path.glob("*.pt"))
+    assert records.get(job_id)["metrics"] is None  # the record was not touched either
