@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from procs import RedisServer, WorkerProcess, stop_all, wait_for
 
 from cli.main import cli
-from shared.artifacts import ArtifactStore, JobFolder, new_job_id
+from shared.artifacts import ArtifactStore, JobFolder, new_job_id, write_json
 from shared.queue import enqueue, submit_job
 from shared.records import TERMINAL_STATES, JobRecords
 from shared.spec import build_spec
@@ -128,6 +128,28 @@ def test_missing_data_fails_with_the_reason_and_the_worker_goes_on(stack):
     assert record["state"] == "failed" and "outside the worker's data directory" in record["error"]
     assert stack.wait_end(stack.submit())["state"] == "succeeded"
     stack.assert_workers_alive()
+
+
+def test_a_job_its_folder_says_ended_is_not_trained_again(stack):
+    # A previous attempt finished the job but Redis was unreachable for its final write,
+    # so the reaper requeued it: the folder's status.json is the truth.
+    job_id = new_job_id()
+    stack.records.create(job_id, build_spec(TINY), "cpu")
+    folder = stack.folder(job_id)
+    folder.create()
+    write_json(folder.status_path, {"id": job_id, "state": "succeeded", "epoch": 2,
+                                    "finished_at": "2026-11-28T10:00:00.000Z", "error": None})
+    write_json(folder.summary_path, {"final": {"test_accuracy": 0.5}, "total_seconds": 12.5,
+                                     "per_class_accuracy": {}})
+    enqueue(job_id, TINY, attempt=1, queue="cpu", app=stack.app)
+
+    record = stack.wait_end(job_id)
+    assert record["state"] == "succeeded" and record["finished_at"] == "2026-11-28T10:00:00.000Z"
+    assert record["summary"] == {"final": {"test_accuracy": 0.5}, "total_seconds": 12.5}
+    wait_for(lambda: f"job {job_id} had already ended succeeded; record corrected"
+             in stack.worker_logs(), 30, what="the correction to be logged")
+    assert folder.read_metrics() == []  # nothing was trained
+    assert folder.read_status()["epoch"] == 2
 
 
 def test_divergence_fails_with_the_epoch(stack):
@@ -249,7 +271,7 @@ def test_concurrency_starts_named_solo_workers_and_forwards_sigterm(stack, tmp_p
 
 def test_sigterm_hands_the_running_job_back_to_the_queue(stack):
     """Last in the module: it stops one of the two shared workers."""
-    job_id = stack.submit(**{**LONG, "epochs": 6})
+    job_id = stack.submit(**{**LONG, "epochs": 12})  # still running after the first one
     wait_for(lambda: (stack.record(job_id)["epoch"] or 0) >= 1, 60, interval=0.02,
              what="the first epoch")
     first = stack.record(job_id)["worker"]
@@ -259,7 +281,7 @@ def test_sigterm_hands_the_running_job_back_to_the_queue(stack):
     wait_for(lambda: stack.record(job_id)["attempts"] == 2, 30, what="the hand-back")
     record = stack.wait_end(job_id, timeout=120)
     assert record["state"] == "succeeded" and record["worker"] != first
-    assert [row["epoch"] for row in stack.folder(job_id).read_metrics()] == list(range(1, 7))
+    assert [row["epoch"] for row in stack.folder(job_id).read_metrics()] == list(range(1, 13))
     assert stopping.process.wait(30) == 0
     assert any(line.startswith("resumed from checkpoint") for line in
                stack.records.read_log(job_id))

@@ -39,3 +39,20 @@ def test_ctrl_c_marks_cancelled_keeps_checkpoint_and_resumes(tmp_path):
     assert (folder / "checkpoint.npz").exists()
     done = [row["epoch"] for row in ArtifactStore(tmp_path).job(folder.name).read_metrics()]
     assert done == list(range(1, len(done) + 1))
+    assert status["run_seconds"] > 0
+    # Pretend the first attempt ran an hour, to see that time carried into the summary.
+    (folder / "status.json").write_text(json.dumps({**status, "run_seconds": 3600.0}))
+
+    # Resume, and shorten the run so it finishes one epoch after the checkpoint.
+    epochs = len(done) + 1
+    began = time.monotonic()
+    resumed = subprocess.run([*command[:3], "run", "--resume", folder.name, "--epochs",
+                              str(epochs), "--artifacts-dir", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {len(done)}" in resumed.stderr
+    job = ArtifactStore(tmp_path).job(folder.name)
+    assert [row["epoch"] for row in job.read_metrics()] == list(range(1, epochs + 1))
+    assert job.read_status()["state"] == "succeeded"
+    # The summary counts the time before the interruption too, not only the resumed run.
+    assert 3600 < job.read_summary()["total_seconds"] < 3600 + (time.monotonic() - began)

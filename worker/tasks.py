@@ -21,7 +21,7 @@ from shared.records import JobRecords, now_iso
 from shared.settings import get_settings
 from shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
 from worker.app import TASK_NAME, app
-from worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter
+from worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter, record_summary
 from worker.reaper import Heartbeat, send_job, worker_records
 from worker.runner import Reporter, Reporters, run_job
 
@@ -93,8 +93,10 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
     if ended is not None:
         # A previous attempt ended the job but could not tell Redis (an outage at the very
         # end), so the reaper requeued it: the folder is the truth; do not train it again.
+        summary = _read_or_none(store.job(job_id).read_summary)
         records.update_owned(job_id, owner, state=ended["state"], error=ended.get("error"),
-                             finished_at=ended.get("finished_at") or now_iso())
+                             finished_at=ended.get("finished_at") or now_iso(),
+                             summary=record_summary(summary))
         log.warning("job %s had already ended %s; record corrected", job_id, ended["state"])
         return {"job_id": job_id, "attempt": attempt, "skipped": "ended"}
     records.append_log(job_id, f"attempt {attempt} started on {hostname}")
@@ -116,11 +118,15 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
 
 def _ended_in_its_folder(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
     """status.json of a job that already reached a final state, else None."""
-    try:
-        status = store.job(job_id).read_status()
-    except (OSError, ValueError):
-        return None
+    status = _read_or_none(store.job(job_id).read_status) or {}
     return status if status.get("state") in ("succeeded", "failed", "cancelled") else None
+
+
+def _read_or_none(read: Any) -> Any:
+    try:
+        return read()
+    except (OSError, ValueError):  # unreadable or corrupt: as if it were not there
+        return None
 
 
 def _retrying(call, seconds: float = CLAIM_RETRY_SECONDS):
