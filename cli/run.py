@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
-import time
 
 import click
 
 from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
+from cli.foreground import run_in_foreground
 from cli.spec_options import spec_options, to_spec
 from shared.artifacts import ArtifactStore, InvalidJobId, new_job_id
 from shared.settings import get_settings
 from shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
-from worker.runner import KeyboardInterruptWithOutcome, Reporter, epoch_line, run_job
+from worker.runner import KeyboardInterruptWithOutcome
 
 
 def artifacts_dir_option(fn):
@@ -32,43 +31,6 @@ def checked_for_this_host(spec: JobSpec) -> JobSpec:
     except SpecError as exc:
         raise BadSpec(str(exc)) from None
     return spec
-
-
-def quiet_crash_tracebacks() -> None:
-    """A crashed job ends in one line on the terminal (the outcome); its traceback stays in
-    the job's log.txt. Workers keep logging tracebacks through Celery's handlers."""
-    logging.getLogger("worker.runner").setLevel(logging.CRITICAL)
-
-
-class TerminalReporter(Reporter):
-    """A progress bar and one line per epoch, on stderr so stdout stays data."""
-
-    def __init__(self, epochs: int):
-        self.epochs = epochs
-        self.interactive = sys.stderr.isatty()
-        self._last_draw = 0.0
-
-    def on_start(self, job_id, spec, info):
-        resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
-        click.echo(f"job {job_id}: {spec.model} / {spec.optimizer} on {spec.dataset} "
-                   f"({info['train_size']} train, {info['test_size']} test, "
-                   f"{info['num_classes']} classes){resumed}", err=True)
-
-    def on_batch(self, epoch, batch, num_batches):
-        now = time.monotonic()
-        if not self.interactive or (now - self._last_draw < 0.1 and batch != num_batches):
-            return
-        self._last_draw = now
-        width = 30
-        filled = width * batch // num_batches
-        sys.stderr.write(f"\repoch {epoch}/{self.epochs} [{'#' * filled}{'.' * (width - filled)}]"
-                         f" {batch}/{num_batches}")
-        sys.stderr.flush()
-
-    def on_epoch(self, row):
-        if self.interactive:
-            sys.stderr.write("\r\033[K")
-        click.echo(epoch_line(row, self.epochs), err=True)
 
 
 @click.command("run")
@@ -102,9 +64,8 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
         spec = to_spec(spec_values)
         job_id = new_job_id()
     spec = checked_for_this_host(spec)
-    quiet_crash_tracebacks()
     try:
-        outcome = run_job(spec, job_id, store, TerminalReporter(spec.epochs))
+        outcome = run_in_foreground(spec, job_id, store)
     except KeyboardInterruptWithOutcome:
         click.echo(f"\ncancelled; checkpoint kept in {store.job(job_id).path} "
                    f"(resume with: labctl run --resume {job_id})", err=True)

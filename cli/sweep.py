@@ -13,12 +13,8 @@ import sys
 import click
 
 from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed
-from cli.run import (
-    TerminalReporter,
-    artifacts_dir_option,
-    checked_for_this_host,
-    quiet_crash_tracebacks,
-)
+from cli.foreground import run_in_foreground
+from cli.run import artifacts_dir_option, checked_for_this_host
 from cli.spec_options import spec_options, to_spec
 from shared.artifacts import ArtifactStore, new_job_id
 from shared.settings import get_settings
@@ -112,16 +108,15 @@ def _print_ids(sweep_id: str, entries: list[dict]) -> None:
 def _run_locally(root: str, entries: list[dict], specs: list[JobSpec]) -> dict[str, str]:
     """Run each job to its end; job id -> final state. A failed job does not stop the rest.
     States stay out of the manifest: each job's status.json is the one place for them."""
-    from worker.runner import KeyboardInterruptWithOutcome, run_job
+    from worker.runner import KeyboardInterruptWithOutcome
 
     store = ArtifactStore(root)
-    quiet_crash_tracebacks()
     states = {}
     for n, (entry, spec) in enumerate(zip(entries, specs, strict=True), start=1):
         job_id = entry["job_id"]
         click.echo(f"[{n}/{len(entries)}] {job_id} {entry['params']}", err=True)
         try:
-            outcome = run_job(spec, job_id, store, TerminalReporter(spec.epochs))
+            outcome = run_in_foreground(spec, job_id, store)
         except KeyboardInterruptWithOutcome:
             click.echo(f"\ncancelled at job {n}/{len(entries)}; finished jobs are kept "
                        f"(compare them with: labctl compare {spec.sweep_id})", err=True)

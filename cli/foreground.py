@@ -1,0 +1,102 @@
+"""Running a job in this process, on a terminal: progress on stderr and a Ctrl-C that
+always stops the job cleanly. Used by ``labctl run`` and ``labctl sweep --local``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import click
+
+from shared.artifacts import ArtifactStore
+from shared.spec import JobSpec
+from worker.runner import Reporter, RunOutcome, epoch_line, run_job
+
+
+class CtrlC:
+    """SIGINT while training: the first press is a request the reporter acts on at the next
+    batch (or after the epoch being evaluated); a second press interrupts at once.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread happens to be, and where
+    that is inside a finaliser (``__del__``, a weakref callback) it is printed as "Exception
+    ignored" and lost: the job trained on and exited 0 after a Ctrl-C. A flag is never lost.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.training = False  # before the first batch (loading data) there is no loop to stop
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if self.requested or not self.training:
+            raise KeyboardInterrupt
+        self.requested = True  # no printing here: stderr may be mid-write (reentrant I/O)
+
+    def stop_if_requested(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+class TerminalReporter(Reporter):
+    """A progress bar and one line per epoch, on stderr so stdout stays data."""
+
+    def __init__(self, epochs: int, ctrl_c: CtrlC | None = None):
+        self.epochs = epochs
+        self.ctrl_c = ctrl_c or CtrlC()
+        self.interactive = sys.stderr.isatty()
+        self._last_draw = 0.0
+
+    def on_start(self, job_id, spec, info):
+        resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
+        click.echo(f"job {job_id}: {spec.model} / {spec.optimizer} on {spec.dataset} "
+                   f"({info['train_size']} train, {info['test_size']} test, "
+                   f"{info['num_classes']} classes){resumed}", err=True)
+        self.ctrl_c.training = True
+
+    def on_batch(self, epoch, batch, num_batches):
+        self.ctrl_c.stop_if_requested()
+        now = time.monotonic()
+        if not self.interactive or (now - self._last_draw < 0.1 and batch != num_batches):
+            return
+        self._last_draw = now
+        width = 30
+        filled = width * batch // num_batches
+        sys.stderr.write(f"\repoch {epoch}/{self.epochs} [{'#' * filled}{'.' * (width - filled)}]"
+                         f" {batch}/{num_batches}")
+        sys.stderr.flush()
+
+    def on_epoch(self, row):
+        if self.interactive:
+            sys.stderr.write("\r\033[K")
+        click.echo(epoch_line(row, self.epochs), err=True)
+        self.ctrl_c.stop_if_requested()  # pressed while the epoch was being evaluated
+
+    def on_end(self, state, result):
+        self.ctrl_c.training = False  # writing the outcome: a press now interrupts at once
+
+
+def quiet_crash_tracebacks() -> None:
+    """A crashed job ends in one line on the terminal (the outcome); its traceback stays in
+    the job's log.txt. Workers keep logging tracebacks through Celery's handlers."""
+    logging.getLogger("worker.runner").setLevel(logging.CRITICAL)
+
+
+def run_in_foreground(spec: JobSpec, job_id: str, store: ArtifactStore) -> RunOutcome:
+    """``run_job`` with terminal progress; Ctrl-C raises ``KeyboardInterruptWithOutcome``
+    once the job folder says cancelled and its last checkpoint is kept."""
+    quiet_crash_tracebacks()
+    with CtrlC() as ctrl_c:
+        return run_job(spec, job_id, store, TerminalReporter(spec.epochs, ctrl_c))

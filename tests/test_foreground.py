@@ -1,0 +1,61 @@
+"""Ctrl-C in `labctl run` / `sweep --local`: a flag the training loop acts on, so the
+interrupt can never be lost (tests/test_run_interrupt.py sends a real SIGINT end to end)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from cli.foreground import CtrlC, TerminalReporter
+
+
+def test_first_press_stops_at_the_next_batch_second_press_at_once():
+    with CtrlC() as ctrl_c:
+        reporter = TerminalReporter(3, ctrl_c)
+        reporter.ctrl_c.training = True
+        reporter.on_batch(1, 1, 10)  # nothing pressed: trains on
+        signal.raise_signal(signal.SIGINT)  # the handler only takes note
+        assert ctrl_c.requested
+        with pytest.raises(KeyboardInterrupt):
+            reporter.on_batch(1, 2, 10)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_a_press_during_evaluation_stops_after_the_epoch_line(capsys):
+    with CtrlC() as ctrl_c:
+        ctrl_c.training = True
+        signal.raise_signal(signal.SIGINT)
+        row = {"epoch": 1, "train_loss": 1.0, "test_loss": 1.0, "test_accuracy": 0.5,
+               "test_f1_macro": 0.5, "epoch_seconds": 1.0, "images_per_second": 10.0}
+        with pytest.raises(KeyboardInterrupt):
+            TerminalReporter(3, ctrl_c).on_epoch(row)
+    assert "epoch 1/3" in capsys.readouterr().err  # the finished epoch is still reported
+
+
+def test_before_training_starts_a_press_interrupts_at_once():
+    with CtrlC(), pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)  # loading data: no batch loop to stop yet
+
+
+def test_a_press_landing_in_a_finaliser_is_not_lost():
+    # Python's own KeyboardInterrupt raised inside __del__ is printed and dropped; the job
+    # then trained to the end and exited 0. The flag survives.
+    class Finalised:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    with CtrlC() as ctrl_c:
+        ctrl_c.training = True
+        Finalised()
+        assert ctrl_c.requested
+        with pytest.raises(KeyboardInterrupt):
+            TerminalReporter(3, ctrl_c).on_batch(1, 1, 10)
+
+
+def test_the_previous_handler_is_restored():
+    before = signal.getsignal(signal.SIGINT)
+    with CtrlC():
+        assert signal.getsignal(signal.SIGINT) is not before
+    assert signal.getsignal(signal.SIGINT) is before
