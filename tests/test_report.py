@@ -64,7 +64,9 @@ def test_report_has_the_table_test_conclusion_and_environment(sweep_runs, tmp_pa
     assert f"NumPy: {numpy.__version__}" in text and f"PyTorch: {torch.__version__}" in text
     assert "CPU:" in text and "Device:" in text
     assert f"labctl report {sweep_id}" in text
-    sweep_line = next(line for line in text.splitlines() if line.startswith("labctl sweep"))
+    # (a recorded thread setting such as OPENBLAS_NUM_THREADS=1 may precede the command)
+    sweep_line = next(line for line in text.splitlines()
+                      if "labctl sweep --model numpy-cnn" in line)
     assert "--opt adam,adamax" in sweep_line and "--seeds 2" in sweep_line  # from the manifest
     assert "--dataset stanford-cars --data-root /data/stanford_cars" in text
 
