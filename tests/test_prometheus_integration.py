@@ -199,14 +199,15 @@ def observed(tmp_path_factory) -> Observed:
         })
         prometheus = Prometheus(tmp / "prometheus", metrics_port)
         try:
-            worker.start().wait_ready(timeout=120)
             prometheus.start()
-            wait_for(lambda: prometheus.api("query", query='up{job="labctl-worker"} == 1'), 30,
-                     interval=0.5, what="prometheus to scrape the worker")
             start = time.time()
+            # Both jobs are queued before the worker starts: a `labctl submit` takes as long
+            # as the AdaMax job itself on a loaded machine, and the Adam job must wait in the
+            # queue while the AdaMax one trains.
             long_id = submit(redis_server.url, artifacts, tmp, LONG_JOB)
             short_id = submit(redis_server.url, artifacts, tmp, SHORT_JOB)
             seen = Observed(ArtifactStore(artifacts), prometheus, long_id, short_id, start)
+            worker.start()
             _watch_long_job(seen, metrics_port, worker)
             wait_for(lambda: _ended(redis_server, short_id), 300, interval=0.2,
                      what="both jobs to end")
@@ -231,7 +232,11 @@ def _watch_long_job(seen: Observed, port: int, worker: WorkerProcess) -> None:
     while time.monotonic() < deadline:
         if not worker.alive():
             raise RuntimeError(f"worker died:\n{worker.log_text()[-3000:]}")
-        samples = scrape(port)
+        try:
+            samples = scrape(port)
+        except OSError:  # the worker is still starting
+            time.sleep(0.05)
+            continue
         gauges = job_samples(samples, seen.long_id)
         if gauges:
             seen.queue_depth_during.append(sample(samples, "labctl_queue_depth", queue="cpu"))

@@ -98,7 +98,10 @@ def test_local_sweep_runs_real_jobs_and_writes_the_manifest(tmp_path):
         assert len(folder.read_metrics()) == 2
     # The manifest reproduces the grid as a command line.
     command = sweep_command(manifest)
-    assert command.startswith("labctl sweep --model numpy-cnn --opt adam,adamax")
+    # A local sweep records thread settings it ran with (OPENBLAS_NUM_THREADS=1 ...) first.
+    env_prefix, _, rest = command.partition("labctl sweep ")
+    assert all("=" in word for word in env_prefix.split())
+    assert rest.startswith("--model numpy-cnn --opt adam,adamax")
     assert command.endswith(f"--seeds 2 --local --artifacts-dir {tmp_path}")
 
     # compare finds the sweep from the artefacts alone.
