@@ -15,7 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -91,7 +91,8 @@ class JobSpec(BaseModel):
     limit_test: int | None = Field(None, ge=1, le=10_000_000, description="Test subset size.")
     num_workers: int = Field(4, ge=0, le=64, description="DataLoader worker processes.")
     name: str | None = Field(None, pattern=NAME_PATTERN, description="A label for humans.")
-    tags: list[str] = Field(default_factory=list, max_length=20, description="Free labels.")
+    tags: list[str] = Field(default_factory=list, max_length=20, description="Free labels.",
+                            json_schema_extra={"default": []})
     sweep_id: str | None = Field(None, pattern=NAME_PATTERN, description="Set by labctl sweep.")
 
     @field_validator("betas")
@@ -196,11 +197,21 @@ def first_error(exc: ValidationError) -> SpecError:
     return SpecError(field, message)
 
 
+def _takes_numbers(name: str) -> bool:
+    field = JobSpec.model_fields.get(name)
+    annotation = field.annotation if field else None
+    return any(t in (int, float) for t in (get_args(annotation) or (annotation,)))
+
+
 def build_spec(values: dict[str, Any]) -> JobSpec:
     """Validate a dict (from a file and/or flags) into a spec, or raise :class:`SpecError`."""
     for key, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise SpecError(key, "must be a finite number")
+        # pydantic's lax mode reads true as 1: `epochs: true` is a mistake, not one epoch.
+        items = value if isinstance(value, list | tuple) else [value]
+        if _takes_numbers(key) and any(isinstance(item, bool) for item in items):
+            raise SpecError(key, f"expected a number, got {json.dumps(value)}")
     try:
         return JobSpec.model_validate(values)
     except ValidationError as exc:
@@ -219,7 +230,10 @@ def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise SpecError(None, f"cannot read spec file {p}: {exc.strerror}") from None
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = (json.loads(text, object_pairs_hook=_mapping_without_repeats)
+                if p.suffix == ".json" else yaml.load(text, Loader=_UniqueKeyLoader))  # noqa: S506
+    except RepeatedKey as exc:
+        raise SpecError(str(exc), f"set twice in spec file {p}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         where = getattr(exc, "problem_mark", None) or exc
         line = getattr(where, "line", None)
@@ -231,6 +245,28 @@ def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecError(None, f"spec file {p} must hold a mapping of field: value")
     return data
+
+
+class RepeatedKey(ValueError):
+    pass
+
+
+def _mapping_without_repeats(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """JSON and YAML both let a later key win silently; in a spec that hides a typo."""
+    mapping: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise RepeatedKey(key)
+        mapping[key] = value
+    return mapping
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)  # YAML merge keys (<<: *base) still work
+        pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep))
+                 for k, v in node.value]
+        return _mapping_without_repeats(pairs)
 
 
 def spec_schema() -> dict[str, Any]:

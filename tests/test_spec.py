@@ -65,6 +65,10 @@ def test_image_size_defaults_to_the_native_size_of_small_datasets():
     ({"colour": "red"}, "colour"),
     ({"name": "../etc"}, "name"),
     ({"tags": ["ok", "not ok"]}, "tags"),
+    ({"epochs": True}, "epochs"),  # lax pydantic would read one epoch
+    ({"lr": True}, "lr"),
+    ({"limit_train": False}, "limit_train"),
+    ({"betas": [0.9, True]}, "betas"),
 ])
 def test_bad_values_name_their_field(values, field):
     with pytest.raises(SpecError) as err:
@@ -146,12 +150,30 @@ def test_spec_files_yaml_json_and_broken(tmp_path):
         load_spec_file(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize(("name", "text"), [
+    ("twice.yaml", "model: numpy-cnn\nepochs: 3\nmodel: resnet50\n"),
+    ("twice.json", '{"model": "numpy-cnn", "model": "resnet50"}'),
+])
+def test_a_field_set_twice_in_a_file_is_refused(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SpecError, match="^model: set twice in spec file"):
+        load_spec_file(tmp_path / name)
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    (tmp_path / "merge.yaml").write_text("base: &b {model: numpy-cnn}\nspec:\n  <<: *b\n"
+                                         "  epochs: 2\n")
+    assert load_spec_file(tmp_path / "merge.yaml")["spec"] == {"model": "numpy-cnn", "epochs": 2}
+
+
 def test_schema_documents_every_default():
     schema = spec_schema()
     props = schema["properties"]
     assert props["model"]["default"] == "resnet50"
     assert props["dataset"]["default"] == "stanford-cars"
     assert props["epochs"]["default"] == 30
+    assert all("default" in prop for name, prop in props.items()), [
+        name for name, prop in props.items() if "default" not in prop]
     assert all(prop.get("description") for prop in props.values())
     assert schema["additionalProperties"] is False
     assert math.isclose(props["eps"]["default"], 1e-8)
