@@ -49,6 +49,28 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Read once, at import: os.umask can only be read by setting it, which races with threads.
+_UMASK = _process_umask()
+
+
+def mkstemp_like_open(directory: Path, prefix: str = "", suffix: str = ".tmp") -> str:
+    """``tempfile.mkstemp``, closed, with the mode ``open()`` would give (0666 less the
+    umask). mkstemp makes files 0600, which on a shared artefacts volume locks every other
+    user (Grafana, a teammate's ``labctl compare``) out of the files it renames into place."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    finally:
+        os.close(fd)
+    return tmp
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it over ``path`` only if the block succeeds.
@@ -56,9 +78,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     A reader (or a resumed job) sees the old file or the new one, never half of one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = Path(mkstemp_like_open(path.parent, prefix=f".{path.name}."))
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 
@@ -73,3 +74,14 @@ def test_status_updates_merge(tmp_path):
     folder.update_status(state="running", epoch=0)
     folder.update_status(epoch=2)
     assert folder.read_status() == {"id": folder.job_id, "state": "running", "epoch": 2}
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    # mkstemp's 0600 would lock other users of a shared artefacts volume out.
+    (tmp_path / "plain.txt").write_text("x")
+    expected = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    write_json(tmp_path / "status.json", {"state": "running"})
+    with atomic_path(tmp_path / "checkpoint.npz") as tmp:
+        tmp.write_bytes(b"data")
+    for name in ("status.json", "checkpoint.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name

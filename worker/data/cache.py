@@ -17,12 +17,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from shared.artifacts import mkstemp_like_open
 
 from .samples import ImageSamples, open_rgb
 
@@ -130,9 +131,9 @@ def decode_images(samples: ImageSamples, short: int, cache_dir: Path | None) -> 
         # file always finds complete data, and two writers racing just write the same bytes.
         for final, array in zip(files, (data, index), strict=True):
             # A unique name: compose replicas sharing the cache volume are all PID 1.
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npy")
+            tmp = mkstemp_like_open(cache_dir, suffix=".tmp.npy")
             try:
-                with os.fdopen(fd, "wb") as f:
+                with open(tmp, "wb") as f:
                     np.save(f, array)
                 os.replace(tmp, final)
             finally:
