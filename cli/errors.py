@@ -13,7 +13,7 @@ EXIT_JOB_FAILED = 1       # the job ended failed or cancelled (--wait / run)
 EXIT_USAGE = 2            # bad spec, bad flag, bad file (Click's own usage code)
 EXIT_NOT_FOUND = 3        # no such job or sweep
 EXIT_UNAVAILABLE = 69     # broker / Redis unreachable (sysexits EX_UNAVAILABLE)
-EXIT_INTERRUPTED = 130    # Ctrl-C
+EXIT_INTERRUPTED = 130    # Ctrl-C (or SIGTERM to `labctl run`)
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -21,7 +21,7 @@ EXIT_CODES = {
     EXIT_USAGE: "bad spec, option or file",
     EXIT_NOT_FOUND: "no such job or sweep",
     EXIT_UNAVAILABLE: "Redis (the broker) is unreachable",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C, or SIGTERM to run)",
 }
 
 

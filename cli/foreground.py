@@ -18,8 +18,9 @@ from worker.runner import Reporter, RunOutcome, epoch_line, run_job
 
 
 class CtrlC:
-    """SIGINT while training: the first press is a request the reporter acts on at the next
-    batch (or after the epoch being evaluated); a second press interrupts at once.
+    """SIGINT (or SIGTERM) while training: the first is a request the reporter acts on at the
+    next batch (or after the epoch being evaluated); a second interrupts at once. Outside the
+    epoch loop (loading data, writing the final artefacts) the first interrupts at once.
 
     Python raises ``KeyboardInterrupt`` wherever the main thread happens to be, and where
     that is inside a finaliser (``__del__``, a weakref callback) it is printed as "Exception
@@ -33,14 +34,17 @@ class CtrlC:
 
     def __enter__(self) -> CtrlC:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            # SIGTERM too (`timeout`, a closed terminal's kill): otherwise the job dies
+            # without a word and its status.json says "running" forever.
+            self._previous = {signum: signal.signal(signum, self._on_signal)
+                              for signum in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, handler in (self._previous or {}).items():
+            signal.signal(signum, handler)
 
-    def _on_sigint(self, signum: int, frame: object) -> None:
+    def _on_signal(self, signum: int, frame: object) -> None:
         if self.requested or not self.training:
             raise KeyboardInterrupt
         self.requested = True  # no printing here: stderr may be mid-write (reentrant I/O)
@@ -83,6 +87,8 @@ class TerminalReporter(Reporter):
             sys.stderr.write("\r\033[K")
         click.echo(epoch_line(row, self.epochs), err=True)
         self.ctrl_c.stop_if_requested()  # pressed while the epoch was being evaluated
+        if row["epoch"] == self.epochs:
+            self.ctrl_c.training = False  # final artefacts next: no batch left to stop at
 
     def on_end(self, state, result):
         self.ctrl_c.training = False  # writing the outcome: a press now interrupts at once

@@ -67,8 +67,12 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
     try:
         outcome = run_in_foreground(spec, job_id, store)
     except KeyboardInterruptWithOutcome:
-        click.echo(f"\ncancelled; checkpoint kept in {store.job(job_id).path} "
-                   f"(resume with: labctl run --resume {job_id})", err=True)
+        folder = store.job(job_id)
+        done = folder.read_status().get("epoch") or 0
+        kept = (f"checkpoint after epoch {done} kept in {folder.path}" if done
+                else f"no epoch had finished; {folder.path} holds the spec")
+        click.echo(f"\ncancelled; {kept} (resume with: labctl run --resume {job_id})",
+                   err=True)
         sys.exit(EXIT_INTERRUPTED)
     folder = store.job(job_id)
     if outcome.failure == "input":  # missing data, like any bad spec, is the user's to fix

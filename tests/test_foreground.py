@@ -4,6 +4,8 @@ interrupt can never be lost (tests/test_run_interrupt.py sends a real SIGINT end
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +61,39 @@ def test_the_previous_handler_is_restored():
     with CtrlC():
         assert signal.getsignal(signal.SIGINT) is not before
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_after_the_last_epoch_a_press_interrupts_at_once():
+    row = {"epoch": 3, "train_loss": 1.0, "test_loss": 1.0, "test_accuracy": 0.5,
+           "test_f1_macro": 0.5, "epoch_seconds": 1.0, "images_per_second": 10.0}
+    with CtrlC() as ctrl_c:
+        ctrl_c.training = True
+        TerminalReporter(3, ctrl_c).on_epoch(row)  # the final artefacts come next
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_sigterm_is_handled_like_ctrl_c():
+    before = signal.getsignal(signal.SIGTERM)
+    with CtrlC() as ctrl_c:
+        ctrl_c.training = True
+        signal.raise_signal(signal.SIGTERM)
+        assert ctrl_c.requested
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_while_the_commands_import_exits_130_in_one_line():
+    # The console script imports the commands inside its handler (cli:main).
+    interrupt_import = (
+        "import sys\n"
+        "class Cut:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'cli.main':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Cut())\n"
+        "import cli\n"
+        "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", interrupt_import], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 130
+    assert done.stderr.strip() == "labctl: interrupted"

@@ -52,6 +52,8 @@ def test_demo_reaches_97_percent_and_leaves_every_artefact(tmp_path):
     assert (summary["train_size"], summary["test_size"]) == (1437, 360)
     assert summary["final"]["test_accuracy"] == rows[-1]["test_accuracy"]
     assert summary["best"]["test_accuracy"] == max(r["test_accuracy"] for r in rows)
+    best_row = next(r for r in rows if r["epoch"] == summary["best"]["epoch"])
+    assert summary["best"]["test_f1_macro"] == best_row["test_f1_macro"]
     assert summary["total_seconds"] > 0
     assert len(summary["per_class_accuracy"]) == 10
 

@@ -56,3 +56,16 @@ def test_ctrl_c_marks_cancelled_keeps_checkpoint_and_resumes(tmp_path):
     assert job.read_status()["state"] == "succeeded"
     # The summary counts the time before the interruption too, not only the resumed run.
     assert 3600 < job.read_summary()["total_seconds"] < 3600 + (time.monotonic() - began)
+
+
+def test_sigterm_cancels_too_instead_of_leaving_the_job_running(tmp_path):
+    command = [sys.executable, "-m", "cli.main", "run", "--model", "numpy-cnn",
+               "--dataset", "digits", "--epochs", "500", "--artifacts-dir", str(tmp_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = wait_for_first_epoch(tmp_path, proc)
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "cancelled" and status["epoch"] >= 1
+    assert f"checkpoint after epoch {status['epoch']} kept" in stderr

@@ -278,8 +278,9 @@ def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
         "test_size": engine.test_size,
         "epochs": spec.epochs,
         "final": {k: v for k, v in final.items() if k.startswith("test_")},
+        # One epoch's numbers (the most accurate one), not maxima taken from different epochs.
         "best": {"epoch": best.get("epoch"), "test_accuracy": best.get("test_accuracy"),
-                 "test_f1_macro": max((r["test_f1_macro"] for r in rows), default=None)},
+                 "test_f1_macro": best.get("test_f1_macro")},
         "per_class_accuracy": dict(zip(engine.class_names, per_class_accuracy(cm), strict=True)),
         "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in rows])) if rows else None,
         "mean_images_per_second": (float(np.mean([r["images_per_second"] for r in rows]))
