@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import click
 
 from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
 from cli.foreground import run_in_foreground
 from cli.spec_options import spec_options, to_spec
-from shared.artifacts import ArtifactStore, InvalidJobId, new_job_id
+from shared.artifacts import ArtifactStore, InvalidJobId, JobFolder, new_job_id
 from shared.settings import get_settings
 from shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
 from worker.runner import KeyboardInterruptWithOutcome
@@ -33,6 +35,41 @@ def checked_for_this_host(spec: JobSpec) -> JobSpec:
     return spec
 
 
+#: What ``--resume`` may change: how long and where the job runs, never what it trains (a
+#: different model, optimizer or data would not fit the checkpoint, or silently mix runs).
+RESUME_OVERRIDES = ("epochs", "device", "num_workers", "data_root", "compile", "name", "tags")
+
+
+def resumed_spec(folder: JobFolder, stored: JobSpec, overrides: dict) -> JobSpec:
+    """The stored spec with the allowed overrides, checked before anything is written."""
+    spec = to_spec({**stored.model_dump(mode="json"), **overrides})
+    changed = [name for name in JobSpec.model_fields
+               if getattr(spec, name) != getattr(stored, name) and name not in RESUME_OVERRIDES]
+    if changed:
+        raise BadSpec(f"{changed[0]}: cannot be changed when resuming (only "
+                      f"{', '.join(RESUME_OVERRIDES)} can); start a new job instead")
+    try:
+        done = folder.read_status().get("epoch") or 0
+    except (ValueError, OSError) as exc:
+        raise BadSpec(f"cannot read {folder.status_path}: {exc}") from None
+    if spec.epochs < done:
+        raise BadSpec(f"epochs: job {folder.job_id} has already trained {done} epochs; "
+                      f"resume with --epochs {done} or more")
+    return spec
+
+
+def writable_store(root: str) -> ArtifactStore:
+    """The artefact store, or exit 2 naming the directory: it is the user's option."""
+    path = Path(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadSpec(f"--artifacts-dir {root}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadSpec(f"--artifacts-dir {root}: not writable")
+    return ArtifactStore(path)
+
+
 @click.command("run")
 @spec_options
 @artifacts_dir_option
@@ -46,7 +83,8 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
     Ctrl-C stops cleanly: the last checkpoint is kept and the job is marked cancelled;
     `labctl run --resume JOB` continues it.
     """
-    store = ArtifactStore(artifacts_dir or get_settings().artifacts_dir)
+    root = artifacts_dir or get_settings().artifacts_dir
+    store = ArtifactStore(root)
     if resume_id:
         try:
             folder = store.job(resume_id)
@@ -58,12 +96,13 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
             raise BadSpec(f"cannot read {folder.spec_path}: {exc}") from None
         if stored is None:
             raise NotFound(f"no job {resume_id} under {store.root}")
-        spec = to_spec({**stored, **spec_values})
+        spec = resumed_spec(folder, to_spec(stored), spec_values)
         job_id = resume_id
     else:
         spec = to_spec(spec_values)
         job_id = new_job_id()
     spec = checked_for_this_host(spec)
+    store = writable_store(root)  # after the spec checks: a bad spec leaves no directory
     try:
         outcome = run_in_foreground(spec, job_id, store)
     except KeyboardInterruptWithOutcome:

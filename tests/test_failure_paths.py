@@ -46,14 +46,15 @@ def test_crash_between_metrics_row_and_checkpoint_keeps_every_epoch_once(tmp_pat
     assert [r["epoch"] for r in store.job(job_id).read_metrics()] == [1, 2, 3]
 
 
-def test_unwritable_artifact_store_fails_in_one_line(tmp_path):
+def test_unwritable_artifact_store_fails_the_job_in_one_line(tmp_path):
+    # A worker's store gone bad (a full or read-only volume): the job fails, with the reason.
+    # (`labctl run` checks --artifacts-dir first and exits 2: see the test further down.)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = invoke("run", "--model", "numpy-cnn", "--dataset", "digits", "--epochs", "1",
-                    "--artifacts-dir", str(blocker / "store"))
-    assert result.exit_code == 1
-    assert "cannot write the job folder" in result.stderr
-    assert "Traceback" not in result.output
+    outcome = run_job(build_spec(TINY), new_job_id(), ArtifactStore(blocker / "store"))
+    assert outcome.state == "failed" and outcome.failure == "crash"
+    assert outcome.error.startswith("cannot write the job folder")
+    assert "\n" not in outcome.error
 
 
 def test_worker_refuses_init_weights_outside_its_data_dir(tmp_path):
@@ -121,3 +122,47 @@ def test_local_job_is_readable_while_redis_is_down(tmp_path):
     assert status.exit_code == 0 and json.loads(status.stdout)["state"] == "succeeded"
     assert logs.exit_code == 0 and "epoch 1/1" in logs.stdout
     assert missing.exit_code == 69  # not here and no Redis: still the broker's fault
+
+
+def _finished_job(tmp_path) -> tuple[str, object]:
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "epochs": 2}.items()]
+    result = invoke("run", *args, "--artifacts-dir", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    job_id = json.loads(result.stdout)["job_id"]
+    return job_id, ArtifactStore(tmp_path).job(job_id)
+
+
+def test_resume_refuses_what_would_not_fit_and_writes_nothing(tmp_path):
+    job_id, folder = _finished_job(tmp_path)
+    spec_before, status_before = folder.spec_path.read_text(), folder.read_status()
+    for flags, message in [(["--dataset", "synthetic"], "dataset: cannot be changed"),
+                           (["--opt", "adam"], "optimizer: cannot be changed"),
+                           (["--epochs", "1"], "epochs: job " + job_id + " has already "
+                                                "trained 2 epochs; resume with --epochs 2")]:
+        result = invoke("run", "--resume", job_id, *flags, "--artifacts-dir", str(tmp_path))
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"labctl: {message}" or message in result.stderr
+        assert "Traceback" not in result.output
+    # The refused attempts left the job as it was: a plain resume still works.
+    assert folder.spec_path.read_text() == spec_before
+    assert folder.read_status() == status_before
+    longer = invoke("run", "--resume", job_id, "--epochs", "3", "--artifacts-dir", str(tmp_path))
+    assert longer.exit_code == 0, longer.output
+    assert [row["epoch"] for row in folder.read_metrics()] == [1, 2, 3]
+    assert folder.read_summary()["epochs"] == 3
+
+
+def test_resume_with_a_corrupt_status_exits_2(tmp_path):
+    job_id, folder = _finished_job(tmp_path)
+    folder.status_path.write_text('{"state": ')
+    result = invoke("run", "--resume", job_id, "--artifacts-dir", str(tmp_path))
+    assert result.exit_code == 2 and f"cannot read {folder.status_path}" in result.stderr
+
+
+def test_an_artifacts_dir_that_cannot_be_made_exits_2(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    result = invoke("run", *args, "--artifacts-dir", str(tmp_path / "a-file" / "sub"))
+    assert result.exit_code == 2
+    assert result.stderr.startswith("labctl: --artifacts-dir ")
+    assert "Traceback" not in result.output
