@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import click
 
+from cli.errors import BadSpec
 from shared.settings import get_settings
 
 QUEUE_NAMES = ("cpu", "gpu")
@@ -56,10 +58,24 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
     """
     if metrics_port is None:
         metrics_port = get_settings().metrics_port
+    if metrics_port:  # 0 picks free ports; None serves none
+        for port in range(metrics_port, metrics_port + concurrency):
+            check_port_free(port)
     if concurrency == 1:
         run_solo_worker(queues, metrics_port, loglevel, hostname)
     else:
         sys.exit(supervise(queues, concurrency, metrics_port, loglevel, hostname))
+
+
+def check_port_free(port: int) -> None:
+    """Exit 2 if /metrics cannot be served on ``port``: a worker that trains on without its
+    metrics is invisible to Prometheus, and scrapes of that port reach whoever holds it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the http server does
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            raise BadSpec(f"--metrics-port {port}: {exc.strerror or exc}") from None
 
 
 def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,

@@ -210,3 +210,16 @@ def test_submit_json_and_bad_spec(records):
     assert json.loads(result.stdout)["state"] == "queued"
     bad = labctl("submit", "--epochs", "0")
     assert bad.exit_code == 2 and "epochs" in bad.stderr
+
+
+def test_worker_exits_2_when_its_metrics_port_is_taken(labctl_env):
+    import socket
+
+    labctl_env()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = CliRunner().invoke(cli, ["worker", "--metrics-port", str(port)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"labctl: --metrics-port {port}: Address already in use"

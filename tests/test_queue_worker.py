@@ -285,3 +285,31 @@ def test_sigterm_hands_the_running_job_back_to_the_queue(stack):
     assert stopping.process.wait(30) == 0
     assert any(line.startswith("resumed from checkpoint") for line in
                stack.records.read_log(job_id))
+
+
+def test_plain_celery_worker_uses_the_solo_pool_and_runs_jobs(stack, tmp_path):
+    """`celery -A worker.app worker`, without labctl's flags, must not fall back to prefork."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "celery.log"
+    env = {**os.environ, "LABCTL_REDIS_URL": stack.redis.url, "PYTHONUNBUFFERED": "1",
+           "LABCTL_ARTIFACTS_DIR": str(stack.artifacts), "LABCTL_DATA_DIR": str(stack.data)}
+    with open(log, "wb") as out:
+        celery = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "gpu",
+             "-n", "plain@%h", "--loglevel", "info"],
+            cwd=Path(__file__).resolve().parents[1], env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: " ready." in log.read_text(), 90, interval=0.2, what="celery ready")
+        assert "(solo)" in log.read_text()
+        # The gpu queue, which only this worker reads here.
+        job_id = submit_job(build_spec(TINY), records=stack.records, app=stack.app, queue="gpu")
+        record = stack.wait_end(job_id)
+        assert record["state"] == "succeeded", record["error"]
+        assert record["worker"].startswith("plain@")
+    finally:
+        celery.terminate()
+        celery.wait(30)

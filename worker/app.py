@@ -97,6 +97,9 @@ def make_app(redis_url: str | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_track_started=True,
+        # The solo pool is the default, so a plain `celery -A worker.app worker` runs jobs
+        # the way `labctl worker` does (docs/queue.md, "Why the solo pool").
+        worker_pool="solo",
         # One job at a time per worker process: never hoard a second message behind a
         # two-hour job while another worker sits idle.
         worker_prefetch_multiplier=1,
