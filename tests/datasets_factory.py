@@ -124,8 +124,9 @@ def make_mini_stanford_cars(root: Path, layout: str = "official", n_classes: int
 
     layout "official": devkit/cars_meta.mat, devkit/cars_{train,test}_annos.mat,
     cars_test_annos_withlabels.mat, cars_train/, cars_test/ -- exactly what
-    ``torchvision.datasets.StanfordCars(root)`` reads. "kaggle": the same with images in
-    cars_train/cars_train/ and cars_test/cars_test/. "folders": train/<class name>/ and
+    ``torchvision.datasets.StanfordCars(root)`` reads. "kaggle": as the common Kaggle mirror
+    unpacks, images in cars_train/cars_train/ and cars_test/cars_test/, the devkit in
+    car_devkit/devkit/ and the test labels as "cars_test_annos_withlabels (1).mat". "folders": train/<class name>/ and
     test/<class name>/. Each image is CAR_IMAGE_SIZE, grey with the CAR_BOX region painted
     ``car_colour(label)``.
     """
@@ -147,7 +148,7 @@ def make_mini_stanford_cars(root: Path, layout: str = "official", n_classes: int
     test_dir = base / "cars_test" / ("cars_test" if nest else "")
     train = _car_split(train_dir, n_classes, per_class, start=1)
     test = _car_split(test_dir, n_classes, test_per_class, start=1)
-    devkit = base / "devkit"
+    devkit = base / ("car_devkit/devkit" if nest else "devkit")
     devkit.mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(devkit / "cars_meta.mat",
                      {"class_names": np.array([names], dtype=object)})
@@ -155,7 +156,8 @@ def make_mini_stanford_cars(root: Path, layout: str = "official", n_classes: int
                      {"annotations": _annotations(*train, with_class=True)})
     scipy.io.savemat(devkit / "cars_test_annos.mat",
                      {"annotations": _annotations(*test, with_class=False)})
-    scipy.io.savemat(base / "cars_test_annos_withlabels.mat",
+    labels_name = "cars_test_annos_withlabels" + (" (1)" if nest else "")
+    scipy.io.savemat(base / f"{labels_name}.mat",
                      {"annotations": _annotations(*test, with_class=True)})
     return base
 

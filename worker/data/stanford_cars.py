@@ -39,11 +39,14 @@ MAT_PLACES = {
     TRAIN_ANNOS: ("devkit", ".", "car_devkit/devkit"),
     TEST_ANNOS: (".", "devkit", "car_devkit/devkit"),
 }
+#: Other names a file ships under: the Kaggle mirror's test labels download as "... (1).mat".
+MAT_ALIASES = {TEST_ANNOS: ("cars_test_annos_withlabels (1).mat",)}
 
 
 def _has_mat_layout(folder: Path) -> bool:
     return any((folder / marker).exists() for marker in
-               ("devkit", "car_devkit", "cars_train", "cars_test", TEST_ANNOS))
+               ("devkit", "car_devkit", "cars_train", "cars_test", TEST_ANNOS,
+                *MAT_ALIASES[TEST_ANNOS]))
 
 
 def resolve_stanford_cars(root: str | Path) -> tuple[Path, str]:
@@ -70,9 +73,10 @@ def resolve_stanford_cars(root: str | Path) -> tuple[Path, str]:
 
 def _find_mat(base: Path, name: str) -> Path:
     for place in MAT_PLACES[name]:
-        path = base / place / name
-        if path.is_file():
-            return path
+        for file_name in (name, *MAT_ALIASES.get(name, ())):
+            path = base / place / file_name
+            if path.is_file():
+                return path
     where = base / MAT_PLACES[name][0]
     hint = ""
     if name == TEST_ANNOS and (base / "devkit" / "cars_test_annos.mat").is_file():
