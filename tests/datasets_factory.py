@@ -126,9 +126,9 @@ def make_mini_stanford_cars(root: Path, layout: str = "official", n_classes: int
     cars_test_annos_withlabels.mat, cars_train/, cars_test/ -- exactly what
     ``torchvision.datasets.StanfordCars(root)`` reads. "kaggle": as the common Kaggle mirror
     unpacks, images in cars_train/cars_train/ and cars_test/cars_test/, the devkit in
-    car_devkit/devkit/ and the test labels as "cars_test_annos_withlabels (1).mat". "folders": train/<class name>/ and
-    test/<class name>/. Each image is CAR_IMAGE_SIZE, grey with the CAR_BOX region painted
-    ``car_colour(label)``.
+    car_devkit/devkit/ and the test labels as "cars_test_annos_withlabels (1).mat".
+    "folders": train/<class name>/ and test/<class name>/. Each image is CAR_IMAGE_SIZE,
+    grey with the CAR_BOX region painted ``car_colour(label)``.
     """
     if layout not in ("official", "kaggle", "folders"):
         raise ValueError(f"unknown layout {layout!r}")

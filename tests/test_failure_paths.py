@@ -166,3 +166,22 @@ def test_an_artifacts_dir_that_cannot_be_made_exits_2(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.startswith("labctl: --artifacts-dir ")
     assert "Traceback" not in result.output
+
+
+def test_an_error_from_a_dataloader_worker_is_reported_as_its_cause():
+    # torch re-raises a worker's exception with the worker's whole traceback as its message.
+    from torch._utils import ExceptionWrapper
+
+    from worker.engine import DataError
+    from worker.runner import one_line
+
+    try:
+        raise DataError("cannot decode image 00001.jpg at /data/cars_test")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as raised:
+        wrapped.reraise()
+    assert "Original Traceback" in str(raised.value)
+    assert one_line(raised.value) == "cannot decode image 00001.jpg at /data/cars_test"
+    assert one_line(RuntimeError("first\nsecond")) == "first"
+    assert one_line(ValueError()) == "ValueError"

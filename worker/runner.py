@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
         return _finish(folder, reporter, "cancelled", "cancelled by the user",
                        failure="cancelled", clock=clock)
     except (SpecError, DataError) as exc:
-        return _finish(folder, reporter, "failed", str(exc), failure="input", clock=clock)
+        return _finish(folder, reporter, "failed", one_line(exc), failure="input", clock=clock)
     except TrainingDiverged as exc:
         return _finish(folder, reporter, "failed", str(exc), failure="diverged", clock=clock)
     except Exception as exc:  # the job fails; the worker lives on to take the next one
@@ -183,12 +184,28 @@ class KeyboardInterruptWithOutcome(KeyboardInterrupt):
         self.outcome = outcome
 
 
+#: The last line of a traceback: "package.module.ErrorName: message".
+_TRACEBACK_LAST_LINE = re.compile(r"^[A-Za-z_][\w.]*: (?P<message>.*)$")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line. An error raised in a DataLoader worker process
+    reaches us re-raised by torch, its message a whole traceback ("Caught DataError in
+    DataLoader worker process 0. Original Traceback ..."); its cause is the last line."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1].strip()
+        match = _TRACEBACK_LAST_LINE.match(last)
+        text = match["message"] if match else last
+    return (text.splitlines() or [type(exc).__name__])[0][:500]
+
+
 def _describe_crash(exc: Exception, spec: JobSpec) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
+    text = f"{type(exc).__name__}: {one_line(exc)}"
     if "out of memory" in text.lower():
         return (f"out of memory with batch_size={spec.batch_size}; "
                 f"try a smaller batch, e.g. --batch-size {max(1, spec.batch_size // 2)}")
-    return text.splitlines()[0][:500]
+    return text
 
 
 def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None,
