@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 EXIT_OK = 0
-EXIT_JOB_FAILED = 1       # the job ended failed or cancelled (--wait / run)
+EXIT_JOB_FAILED = 1       # the job ended failed or cancelled (--wait / run); no finished run to compare
 EXIT_USAGE = 2            # bad spec, bad flag, bad file (Click's own usage code)
 EXIT_NOT_FOUND = 3        # no such job or sweep
 EXIT_UNAVAILABLE = 69     # broker / Redis unreachable (sysexits EX_UNAVAILABLE)
@@ -17,7 +17,7 @@ EXIT_INTERRUPTED = 130    # Ctrl-C (or SIGTERM to `labctl run`)
 
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_JOB_FAILED: "the job failed or was cancelled",
+    EXIT_JOB_FAILED: "the job failed or was cancelled (or no finished run to compare)",
     EXIT_USAGE: "bad spec, option or file",
     EXIT_NOT_FOUND: "no such job or sweep",
     EXIT_UNAVAILABLE: "Redis (the broker) is unreachable",
