@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 EXIT_OK = 0
-EXIT_JOB_FAILED = 1       # the job ended failed or cancelled (--wait / run); no finished run to compare
+EXIT_JOB_FAILED = 1       # a job failed or was cancelled; nothing finished to compare
 EXIT_USAGE = 2            # bad spec, bad flag, bad file (Click's own usage code)
 EXIT_NOT_FOUND = 3        # no such job or sweep
 EXIT_UNAVAILABLE = 69     # broker / Redis unreachable (sysexits EX_UNAVAILABLE)
