@@ -96,6 +96,27 @@ def test_failed_job_records_why(tmp_path):
     assert status["state"] == "failed" and "diverged at epoch" in status["error"]
 
 
+def test_a_loss_that_explodes_but_stays_finite_is_divergence_too(tmp_path):
+    # AdaMax at lr 10: the epoch's mean loss is ~1e8, finite, and the job used to "succeed"
+    # at chance accuracy.
+    result = run_cli("run", "--model", "numpy-cnn", "--dataset", "digits", "--lr", "10",
+                     "--epochs", "3", "--limit-train", "256", "--artifacts-dir", str(tmp_path))
+    assert result.exit_code == 1
+    assert "diverged at epoch 1: mean training loss" in result.stderr
+    assert "over 100x chance level (2.30)" in result.stderr
+
+
+def test_divergence_threshold_is_relative_to_chance():
+    from worker.engine import TrainingDiverged, check_not_diverged
+
+    check_not_diverged(2.3, 10, 1)  # a random guess: fine
+    check_not_diverged(229.0, 10, 1)  # bad, but not yet 100x ln(10)
+    check_not_diverged(500.0, 196, 1)  # 100x ln(196) is 528
+    for loss in (231.0, float("nan"), float("inf")):
+        with pytest.raises(TrainingDiverged, match="^diverged at epoch 4: "):
+            check_not_diverged(loss, 10, 4)
+
+
 def test_resume_continues_a_finished_prefix(tmp_path):
     art = str(tmp_path)
     first = run_cli("run", "--model", "numpy-cnn", "--dataset", "digits", "--epochs", "2",

@@ -7,6 +7,7 @@ same way, so checkpoints, metrics, cancel and resume behave identically for both
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,26 @@ class JobCancelled(Exception):
 
 
 class TrainingDiverged(Exception):
-    def __init__(self, epoch: int, batch: int):
+    def __init__(self, epoch: int, batch: int, why: str = "loss is NaN or inf"):
         self.epoch, self.batch = epoch, batch
-        super().__init__(f"diverged at epoch {epoch}, batch {batch}: loss is NaN or inf")
+        where = f"epoch {epoch}, batch {batch}" if batch else f"epoch {epoch}"
+        super().__init__(f"diverged at {where}: {why}")
+
+
+#: An epoch whose mean cross-entropy exceeds this many times chance level (ln C, what a
+#: uniform guess scores) has diverged: no run that is learning gets there, and the loss may
+#: stay finite for many epochs (measured: 4.5e8 with lr 10), wasting the GPU meanwhile.
+DIVERGED_LOSS_FACTOR = 100.0
+
+
+def check_not_diverged(loss: float, num_classes: int, epoch: int) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(epoch, 0)
+    chance = math.log(max(num_classes, 2))
+    if loss > DIVERGED_LOSS_FACTOR * chance:
+        raise TrainingDiverged(epoch, 0, f"mean training loss {loss:.3g} is over "
+                                         f"{DIVERGED_LOSS_FACTOR:g}x chance level "
+                                         f"({chance:.2f})")
 
 
 class DataError(Exception):

@@ -9,7 +9,6 @@ it in a worker. It owns the job folder: spec, status, metrics, checkpoints, plot
 from __future__ import annotations
 
 import logging
-import math
 import random
 import re
 import time
@@ -21,7 +20,13 @@ import numpy as np
 
 from shared.artifacts import ArtifactStore, JobFolder, utc_now, write_json
 from shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
-from worker.engine import DataError, Engine, JobCancelled, TrainingDiverged
+from worker.engine import (
+    DataError,
+    Engine,
+    JobCancelled,
+    TrainingDiverged,
+    check_not_diverged,
+)
 from worker.evaluation import accuracy, confusion_matrix, f1_macro, per_class_accuracy
 
 log = logging.getLogger(__name__)
@@ -242,8 +247,7 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         lr = engine.current_lr()
         trained = engine.train_one_epoch(
             epoch, lambda b, n, e=epoch: reporter.on_batch(e, b, n))
-        if not math.isfinite(trained.loss):
-            raise TrainingDiverged(epoch, 0)
+        check_not_diverged(trained.loss, engine.num_classes, epoch)
         evaluated = engine.evaluate()
         cm = confusion_matrix(evaluated.y_true, evaluated.y_pred, engine.num_classes)
         row = {
