@@ -24,12 +24,13 @@ ADAMAX = [0.930, 0.935, 0.925]
 
 
 def make_run(root, job_id, *, optimizer="adam", seed=0, accuracies=(0.5, 0.8, 0.9),
-             f1s=None, state="succeeded", model="numpy-cnn", sweep_id=None, seconds=2.0):
+             f1s=None, state="succeeded", model="numpy-cnn", sweep_id=None, seconds=2.0,
+             **spec_fields):
     """A job folder as the runner leaves it, with the metrics we choose."""
     folder = ArtifactStore(root).job(job_id).create()
     f1s = list(f1s) if f1s is not None else [a - 0.05 for a in accuracies]
     spec = {"model": model, "optimizer": optimizer, "dataset": "digits", "seed": seed,
-            "epochs": len(accuracies), "sweep_id": sweep_id, "device": "cpu"}
+            "epochs": len(accuracies), "sweep_id": sweep_id, "device": "cpu", **spec_fields}
     write_json(folder.spec_path, spec)
     for epoch, (acc, f1) in enumerate(zip(accuracies, f1s, strict=True), start=1):
         folder.append_metrics({"epoch": epoch, "train_loss": 1.0 / epoch, "test_loss": 1.2 / epoch,
@@ -198,6 +199,41 @@ def test_other_differing_fields_split_blocks(tmp_path):
     # --by model instead: optimizer becomes the block, models are compared.
     data = compare_json(tmp_path, str(tmp_path), by="model")
     assert [g["value"] for g in data["blocks"][0]["groups"]] == ["numpy-cnn", "resnet50"]
+    # The compared field is not one run's value: the label names every model compared.
+    assert [b["label"] for b in data["blocks"]] == [
+        "numpy-cnn vs resnet50 on digits (adam)", "numpy-cnn vs resnet50 on digits (adamax)"]
+
+
+def test_every_setup_is_labelled_by_what_differs(tmp_path):
+    # Three learning rates: each of the three blocks must name its own, the last included.
+    n = 0
+    for lr in (1e-3, 2e-3, 3e-3):
+        for seed in range(2):
+            for opt in ("adam", "adamax"):
+                make_run(tmp_path, job_id(n), optimizer=opt, seed=seed, lr=lr)
+                n += 1
+    data = compare_json(tmp_path, str(tmp_path))
+    assert [b["label"] for b in data["blocks"]] == [
+        "numpy-cnn on digits (lr=0.001)", "numpy-cnn on digits (lr=0.002)",
+        "numpy-cnn on digits (lr=0.003)"]
+    assert [b["fields"] for b in data["blocks"]] == [{"lr": 1e-3}, {"lr": 2e-3}, {"lr": 3e-3}]
+    text = compare(str(tmp_path), "--artifacts-dir", str(tmp_path)).stdout
+    assert "numpy-cnn on digits (lr=0.003): significance" in text
+
+
+def test_labels_name_every_differing_field_in_spec_order(tmp_path):
+    setups = [("numpy-cnn", 1e-3, 32), ("numpy-cnn", 2e-3, 32), ("numpy-cnn", 2e-3, 64),
+              ("resnet50", 1e-3, 32)]
+    for n, (model, lr, batch) in enumerate(setups):
+        for k, opt in enumerate(("adam", "adamax")):
+            make_run(tmp_path, job_id(10 * n + k), model=model, optimizer=opt, lr=lr,
+                     batch_size=batch)
+    labels = [b["label"] for b in compare_json(tmp_path, str(tmp_path))["blocks"]]
+    assert labels == ["numpy-cnn on digits (batch_size=32, lr=0.001)",
+                      "numpy-cnn on digits (batch_size=32, lr=0.002)",
+                      "numpy-cnn on digits (batch_size=64, lr=0.002)",
+                      "resnet50 on digits"]
+    assert len(set(labels)) == len(labels)
 
 
 def test_unfinished_runs_are_skipped_with_a_note(optimizer_sweep):
@@ -205,6 +241,48 @@ def test_unfinished_runs_are_skipped_with_a_note(optimizer_sweep):
     result = compare(job_id(99), "sw-test", "--artifacts-dir", str(optimizer_sweep))
     assert result.exit_code == 0
     assert f"skipped {job_id(99)}: running after 1 epoch(s)" in result.stderr
+
+
+def damage_spec(folder):
+    folder.spec_path.write_text('{"model": "numpy-cnn", "optim')  # torn mid-write
+
+
+def drop_throughput(folder):
+    rows = [json.loads(line) for line in folder.metrics_path.read_text().splitlines()]
+    del rows[-1]["images_per_second"]
+    folder.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (damage_spec, "spec.json is not valid JSON"),
+    (drop_throughput, "metrics.jsonl epoch 3 has no images_per_second"),
+])
+def test_a_damaged_run_is_skipped_with_its_reason(optimizer_sweep, damage, reason):
+    damage(ArtifactStore(optimizer_sweep).job(job_id(21)))  # seed 2, adamax
+    result = compare("sw-test", "--artifacts-dir", str(optimizer_sweep), "--json")
+    assert result.exit_code == 0, result.output
+    assert f"labctl: skipped {job_id(21)}: damaged, {reason}" in result.stderr.splitlines()
+    groups = {g["value"]: g for g in json.loads(result.stdout)["blocks"][0]["groups"]}
+    assert groups["adam"]["seeds"] == [0, 1, 2] and groups["adamax"]["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("damage", [damage_spec, drop_throughput])
+def test_only_damaged_runs_exit_1_without_a_traceback(tmp_path, damage):
+    damage(make_run(tmp_path, job_id(1)))
+    result = compare(job_id(1), "--artifacts-dir", str(tmp_path))  # a traceback would raise
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"labctl: no finished runs to compare ({job_id(1)}: damaged")
+    assert result.stdout == ""
+
+
+def test_damaged_spec_does_not_hide_a_sweep_found_by_tag(optimizer_sweep):
+    (optimizer_sweep / "sweeps" / "sw-test.json").unlink()
+    damage_spec(ArtifactStore(optimizer_sweep).job(job_id(21)))
+    result = compare("sw-test", "--artifacts-dir", str(optimizer_sweep), "--json")
+    assert result.exit_code == 0, result.output
+    assert sum(len(g["job_ids"]) for g in json.loads(result.stdout)["blocks"][0]["groups"]) == 5
+    # Its sweep cannot be read, but the user should hear of a run that may be missing.
+    assert f"skipped {job_id(21)}: damaged, spec.json is not valid JSON" in result.stderr
 
 
 def test_unknown_refs_exit_3_and_bad_by_exits_2(optimizer_sweep):

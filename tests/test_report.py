@@ -92,3 +92,28 @@ def test_report_of_unknown_sweep_exits_3(tmp_path):
                     "-o", str(tmp_path / "out"))
     assert result.exit_code == 3
     assert not (tmp_path / "out").exists()
+
+
+def test_report_names_every_setup_and_survives_a_torn_confusion_matrix(tmp_path):
+    from test_compare import job_id, make_run
+
+    root = tmp_path / "artifacts"
+    n = 0
+    for lr in (1e-3, 2e-3, 3e-3):
+        for seed in range(2):
+            for opt in ("adam", "adamax"):
+                folder = make_run(root, job_id(n), optimizer=opt, seed=seed, lr=lr)
+                if lr == 3e-3:
+                    (folder.path / "confusion_matrix.npy").write_bytes(b"\x93NUMPY torn")
+                n += 1
+    out = tmp_path / "report"
+    result = invoke("report", str(root), "--artifacts-dir", str(root), "-o", str(out),
+                    "--benchmarks", str(tmp_path / "absent.md"))
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    for lr in ("0.001", "0.002", "0.003"):
+        assert f"**numpy-cnn on digits (lr={lr}).**" in text  # its conclusion
+    images = re.findall(r"!\[confusion matrix\]\(([^)]+)\)", text)
+    assert images == ["confusion_numpy-cnn-on-digits--lr-0.001-.png",
+                      "confusion_numpy-cnn-on-digits--lr-0.002-.png"]
+    assert "has an unreadable confusion_matrix.npy" in text

@@ -7,6 +7,7 @@ field (e.g. adam). Groups of one block are compared pair by pair, runs matched b
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,24 +92,41 @@ def make_blocks(runs: list[Run], by: str = "optimizer") -> tuple[list[Block], li
             notes.extend(dropped)
             groups.append(group)
         result.append(Block(fields=keys[key], groups=groups))
-    _label_blocks(result)
+    _label_blocks(result, by)
     return result, notes
 
 
-def _label_blocks(blocks: list[Block]) -> None:
-    """"numpy-cnn on digits"; the other differing settings are added only where two blocks
-    would otherwise read the same."""
-    for block in blocks:
-        spec = block.groups[0].runs[0].spec
-        block.label = f"{spec.get('model')} on {spec.get('dataset')}"
-    for block in blocks:
-        if sum(b.label == block.label for b in blocks) > 1:
-            extra = [_value_label(k, v) for k, v in block.fields.items()
-                     if k not in ("model", "dataset")]
-            block.label += " (" + ", ".join(extra) + ")"
-    for block in blocks:
-        if sum(b.label == block.label for b in blocks) > 1:  # only ignored fields differ
-            block.label += f" #{blocks.index(block) + 1}"
+def _label_blocks(blocks: list[Block], by: str) -> None:
+    """"numpy-cnn on digits"; every other setting that differs between the runs is added to
+    each label that would otherwise read like another block's."""
+    labels = [_base_label(block, by) for block in blocks]
+    labels = _disambiguate(labels, lambda i, label: _with_settings(label, blocks[i]))
+    # Still equal only where settings print alike (1 vs "1"): number them.
+    labels = _disambiguate(labels, lambda i, label: f"{label} #{i + 1}")
+    for block, label in zip(blocks, labels, strict=True):
+        block.label = label
+
+
+def _base_label(block: Block, by: str) -> str:
+    spec = block.groups[0].runs[0].spec
+
+    def part(name: str) -> str:
+        if name == by:  # it varies inside the block: one run's value would misname it
+            return " vs ".join(str(group.value) for group in block.groups)
+        return str(spec.get(name))
+
+    return f"{part('model')} on {part('dataset')}"
+
+
+def _with_settings(label: str, block: Block) -> str:
+    extra = [_value_label(k, v) for k, v in block.fields.items() if k not in ("model", "dataset")]
+    return f"{label} ({', '.join(extra)})" if extra else label
+
+
+def _disambiguate(labels: list[str], rename) -> list[str]:
+    # Counted before renaming any: renaming the first duplicate must not hide the others.
+    counts = Counter(labels)
+    return [rename(i, label) if counts[label] > 1 else label for i, label in enumerate(labels)]
 
 
 def _dedupe(by: str, value: Any, runs: list[Run]) -> tuple[Group, list[str]]:

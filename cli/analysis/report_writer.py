@@ -151,7 +151,8 @@ def _confusion(blocks: list[Block], out: Path, inputs: ReportInputs) -> str:
     from worker.plots import plot_confusion_matrix
 
     lines = ["## Confusion matrix of the best run", ""]
-    for block in blocks:
+    used: set[str] = set()
+    for i, block in enumerate(blocks):
         # Best by final accuracy: the stored confusion matrix is of the final weights.
         best, group = max(((r, g) for g in block.groups for r in g.runs),
                           key=lambda item: item[0].metrics[-1]["test_accuracy"])
@@ -159,11 +160,22 @@ def _confusion(blocks: list[Block], out: Path, inputs: ReportInputs) -> str:
         if not matrix_file.is_file():
             lines += [f"- {block.label}: best run {best.job_id} has no confusion_matrix.npy", ""]
             continue
-        cm = np.load(matrix_file)
+        try:
+            cm = np.load(matrix_file)
+        except (ValueError, OSError, EOFError):  # torn or not a saved array
+            cm = None
+        if not isinstance(cm, np.ndarray) or cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+            lines += [f"- {block.label}: best run {best.job_id} has an unreadable "
+                      "confusion_matrix.npy", ""]
+            continue
         names = list((best.summary or {}).get("per_class_accuracy", {}) or [])
         if len(names) != len(cm):
             names = [str(i) for i in range(len(cm))]
-        path = plot_confusion_matrix(cm, names, out / f"confusion_{block.slug}.png")
+        # The slug is cut short, so two long labels can share one: keep both PNGs.
+        name = f"confusion_{block.slug}.png"
+        name = f"confusion_{block.slug}-{i + 1}.png" if name in used else name
+        used.add(name)
+        path = plot_confusion_matrix(cm, names, out / name)
         inputs.written.append(path)
         accuracy = best.metrics[-1]["test_accuracy"]
         lines += [f"### {block.label}", "",

@@ -55,20 +55,66 @@ class Selection:
     skipped: list[str] = field(default_factory=list)
 
 
+class DamagedRun(ValueError):
+    """A job folder whose files cannot be read as a run (torn or hand-edited)."""
+
+
+#: What the figures and curves read from each epoch's row.
+METRIC_KEYS = ("epoch", "train_loss", "test_loss", "test_accuracy", "test_f1_macro",
+               "epoch_seconds", "images_per_second")
+
+
 def load_run(path: Path) -> Run | None:
-    spec = read_json(path / "spec.json")
+    """None before the job wrote its spec; raises :class:`DamagedRun` with the reason."""
+    spec = _read_object(path / "spec.json")
     if spec is None:
         return None
+    if not isinstance(spec.get("seed", 0), int) or isinstance(spec.get("seed"), bool):
+        raise DamagedRun("spec.json seed is not a whole number")  # runs pair by seed
     return Run(job_id=path.name, path=path, spec=spec,
-               status=read_json(path / "status.json", default={}),
-               metrics=sorted(read_jsonl(path / "metrics.jsonl"), key=lambda r: r["epoch"]),
-               summary=read_json(path / "summary.json"))
+               status=_read_object(path / "status.json") or {},
+               metrics=_read_metrics(path / "metrics.jsonl"),
+               summary=_read_object(path / "summary.json"))
+
+
+def _read_object(path: Path) -> dict[str, Any] | None:
+    try:
+        value = read_json(path)
+    except ValueError:  # bad JSON or bad UTF-8
+        raise DamagedRun(f"{path.name} is not valid JSON") from None
+    except OSError as exc:
+        raise DamagedRun(f"cannot read {path.name}: {exc.strerror}") from None
+    if value is not None and not isinstance(value, dict):
+        raise DamagedRun(f"{path.name} is not a JSON object")
+    return value
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    try:
+        rows = read_jsonl(path)
+    except (ValueError, OSError):
+        raise DamagedRun(f"cannot read {path.name}") from None
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise DamagedRun(f"{path.name} row {n} is not a JSON object")
+        where = f"epoch {row['epoch']}" if _is_number(row.get("epoch")) else f"row {n}"
+        for key in METRIC_KEYS:
+            if key not in row:
+                raise DamagedRun(f"{path.name} {where} has no {key}")
+            if not _is_number(row[key]):
+                raise DamagedRun(f"{path.name} {where}: {key} is not a number")
+    return sorted(rows, key=lambda r: r["epoch"])
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def select_runs(refs: list[str], root: str | Path) -> Selection:
     """Load every run named by ``refs``; raise :class:`RunNotFound` for the first unknown one.
 
-    Runs that did not finish are reported in ``skipped`` rather than silently compared.
+    Runs that did not finish, or whose files are damaged, are reported in ``skipped``
+    rather than silently compared.
     """
     root = Path(root)
     selection = Selection(runs=[])
@@ -79,7 +125,11 @@ def select_runs(refs: list[str], root: str | Path) -> Selection:
             if key in seen:
                 continue
             seen.add(key)
-            run = load_run(path)
+            try:
+                run = load_run(path)
+            except DamagedRun as exc:
+                selection.skipped.append(f"{path.name}: damaged, {exc}")
+                continue
             if run is None:
                 selection.skipped.append(f"{path.name}: no spec.json yet (queued?)")
             elif not run.usable:
@@ -93,13 +143,15 @@ def select_runs(refs: list[str], root: str | Path) -> Selection:
 def _resolve(ref: str, root: Path, selection: Selection) -> list[Path]:
     if JOB_ID_PATTERN.fullmatch(ref) and (root / ref).is_dir():
         return [root / ref]
-    manifest = read_manifest(root, ref)
+    manifest = _manifest(root, ref, selection)
     if manifest is not None:
         selection.manifests.append(manifest)
         return [root / job["job_id"] for job in manifest.get("jobs", [])
-                if JOB_ID_PATTERN.fullmatch(str(job.get("job_id", "")))]
-    tagged = _jobs_of_sweep(root, ref)
+                if isinstance(job, dict) and JOB_ID_PATTERN.fullmatch(str(job.get("job_id", "")))]
+    tagged, unreadable = _jobs_of_sweep(root, ref)
     if tagged:
+        # A spec that cannot be read may be one of this sweep's runs: say so.
+        selection.skipped.extend(unreadable)
         return tagged
     path = Path(ref)
     if (path / "spec.json").is_file():
@@ -111,13 +163,35 @@ def _resolve(ref: str, root: Path, selection: Selection) -> list[Path]:
     raise RunNotFound(f"no job, sweep or run folder {ref!r} (looked under {root})")
 
 
-def _jobs_of_sweep(root: Path, sweep_id: str) -> list[Path]:
+def _manifest(root: Path, sweep_id: str, selection: Selection) -> dict[str, Any] | None:
+    try:
+        manifest = read_manifest(root, sweep_id)
+    except (ValueError, OSError):
+        manifest = None
+        damaged = True
+    else:
+        damaged = manifest is not None and not isinstance(manifest, dict)
+    if damaged:
+        # The runs still carry their sweep id, so the tag scan can find them without it.
+        selection.skipped.append(f"sweep manifest of {sweep_id}: damaged, its runs are "
+                                 "found by their spec's sweep_id instead")
+        return None
+    return manifest
+
+
+def _jobs_of_sweep(root: Path, sweep_id: str) -> tuple[list[Path], list[str]]:
+    """(job folders tagged ``sweep_id``, a skip note for each whose spec cannot be read)."""
+    found: list[Path] = []
+    unreadable: list[str] = []
     if not root.is_dir():
-        return []
-    found = []
+        return found, unreadable
     for path in sorted(root.iterdir()):
         if JOB_ID_PATTERN.fullmatch(path.name):
-            spec = read_json(path / "spec.json") or {}
+            try:
+                spec = _read_object(path / "spec.json") or {}
+            except DamagedRun as exc:
+                unreadable.append(f"{path.name}: damaged, {exc}")
+                continue
             if spec.get("sweep_id") == sweep_id:
                 found.append(path)
-    return found
+    return found, unreadable
