@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from cli.errors import EXIT_CODES, EXIT_INTERRUPTED
+from cli.errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_USAGE
+from shared.settings import SettingsError
 
 # (module, attribute) of every top-level command, in --help order.
 COMMANDS = [
@@ -46,6 +47,9 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except SettingsError as exc:  # raised wherever a command first reads its settings
+        click.echo(f"labctl: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     except (KeyboardInterrupt, click.Abort):
         click.echo("\nlabctl: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)

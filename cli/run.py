@@ -12,7 +12,13 @@ import click
 from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
 from cli.foreground import run_in_foreground
 from cli.spec_options import spec_options, to_spec
-from shared.artifacts import ArtifactStore, InvalidJobId, JobFolder, new_job_id
+from shared.artifacts import (
+    ArtifactStore,
+    InvalidJobId,
+    JobFolder,
+    mkstemp_like_open,
+    new_job_id,
+)
 from shared.settings import get_settings
 from shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
 from worker.runner import KeyboardInterruptWithOutcome
@@ -30,7 +36,11 @@ def checked_for_this_host(spec: JobSpec) -> JobSpec:
     spec = resolve_data_root(spec, get_settings().data_dir)
     try:
         check_runtime(spec)
-    except SpecError as exc:
+        if spec.model == "numpy-cnn":
+            from worker.numpy_cnn.parallel import num_threads
+
+            num_threads()  # LABCTL_NUMPY_THREADS, read where the job runs: this process
+    except (SpecError, ValueError) as exc:
         raise BadSpec(str(exc)) from None
     return spec
 
@@ -59,14 +69,22 @@ def resumed_spec(folder: JobFolder, stored: JobSpec, overrides: dict) -> JobSpec
 
 
 def writable_store(root: str) -> ArtifactStore:
-    """The artefact store, or exit 2 naming the directory: it is the user's option."""
+    """The artefact store, or exit 2 naming the directory: it is the user's setting
+    (--artifacts-dir or LABCTL_ARTIFACTS_DIR)."""
     path = Path(root)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadSpec(f"--artifacts-dir {root}: {exc.strerror or exc}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise BadSpec(f"--artifacts-dir {root}: not writable")
+    problem = None
+    if path.exists() and not path.is_dir():
+        problem = "not a directory"
+    else:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            # Creating a file is the only test that holds for root, read-only mounts and
+            # pseudo file systems alike (os.access says yes to root on /proc).
+            os.unlink(mkstemp_like_open(path, prefix=".labctl-probe-"))
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem:
+        raise BadSpec(f"artifacts directory {root}: {problem}")
     return ArtifactStore(path)
 
 
@@ -85,7 +103,7 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
     """
     root = artifacts_dir or get_settings().artifacts_dir
     store = ArtifactStore(root)
-    if resume_id:
+    if resume_id is not None:  # even "": an empty id is a mistake, not "no resume"
         try:
             folder = store.job(resume_id)
         except InvalidJobId as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,9 +21,21 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker /metrics port.")
 
 
+class SettingsError(Exception):
+    """A ``LABCTL_*`` setting (environment or ``.env``) is unusable. Not a ValueError, so no
+    caller mistakes it for a problem with whatever value it was parsing."""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]  # its message never echoes the value: it may be a password
+        name = f"LABCTL_{str(error['loc'][0]).upper()}" if error["loc"] else "LABCTL_*"
+        raise SettingsError(f"{name}: {error['msg']}") from None
+    except (UnicodeDecodeError, OSError) as exc:  # e.g. a binary or unreadable .env file
+        raise SettingsError(f"cannot read the settings file .env: {exc}") from None
 
 
 def redact_url(url: str) -> str:

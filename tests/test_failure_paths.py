@@ -164,7 +164,7 @@ def test_an_artifacts_dir_that_cannot_be_made_exits_2(tmp_path):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     result = invoke("run", *args, "--artifacts-dir", str(tmp_path / "a-file" / "sub"))
     assert result.exit_code == 2
-    assert result.stderr.startswith("labctl: --artifacts-dir ")
+    assert result.stderr.startswith("labctl: artifacts directory ")
     assert "Traceback" not in result.output
 
 
@@ -185,3 +185,52 @@ def test_an_error_from_a_dataloader_worker_is_reported_as_its_cause():
     assert one_line(raised.value) == "cannot decode image 00001.jpg at /data/cars_test"
     assert one_line(RuntimeError("first\nsecond")) == "first"
     assert one_line(ValueError()) == "ValueError"
+
+
+def test_an_artifacts_dir_that_is_a_file_exits_2(tmp_path, labctl_env):
+    (tmp_path / "a-file").write_text("")
+    labctl_env(artifacts_dir=tmp_path / "a-file")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    result = invoke("run", *args)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"labctl: artifacts directory {tmp_path / 'a-file'}: " \
+                                    "not a directory"
+
+
+def test_resume_with_an_empty_id_exits_2(tmp_path):
+    result = invoke("run", "--resume", "", "--artifacts-dir", str(tmp_path))
+    assert result.exit_code == 2 and "job id" in result.stderr.lower()
+
+
+def test_a_bad_numpy_thread_count_exits_2_before_any_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABCTL_NUMPY_THREADS", "abc")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    result = invoke("run", *args, "--artifacts-dir", str(tmp_path / "art"))
+    assert result.exit_code == 2
+    assert "LABCTL_NUMPY_THREADS must be a whole number >= 1, got 'abc'" in result.stderr
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("LABCTL_HEARTBEAT_SECONDS", "abc", "LABCTL_HEARTBEAT_SECONDS: Input should be a valid"),
+    ("LABCTL_METRICS_PORT", "99999", "LABCTL_METRICS_PORT: Input should be less than"),
+])
+@pytest.mark.parametrize("command", [["list"], ["run", "--model", "numpy-cnn"]])
+def test_a_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys, variable, value, message,
+                                              command):
+    # Through the console script's main(): that is where every command's settings error
+    # lands, whichever command first reads them (list used to blame LABCTL_REDIS_URL).
+    from cli.main import main
+    from shared.settings import get_settings
+
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setattr("sys.argv", ["labctl", *command])
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main()
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"labctl: {message}") and err.count("\n") == 1

@@ -42,7 +42,10 @@ def num_threads() -> int:
     """Threads to use: $LABCTL_NUMPY_THREADS, else the CPUs this process may run on."""
     configured = os.environ.get("LABCTL_NUMPY_THREADS")
     if configured:
-        return max(1, int(configured))
+        if not configured.strip().isdigit() or int(configured) < 1:
+            raise ValueError(f"LABCTL_NUMPY_THREADS must be a whole number >= 1, "
+                             f"got {configured!r}")
+        return int(configured)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS has no sched_getaffinity
