@@ -338,3 +338,21 @@ def test_unwritable_plot_path_exits_2(optimizer_sweep, tmp_path):
                      "-o", str(blocker / "curves.png"))
     assert result.exit_code == 2
     assert "cannot write" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("manifest", ['{"jobs": 5}', "[1]", '{"jobs": [tor'])
+def test_a_damaged_manifest_falls_back_to_the_runs_sweep_ids(optimizer_sweep, manifest):
+    (optimizer_sweep / "sweeps" / "sw-test.json").write_text(manifest)
+    result = compare("sw-test", "--artifacts-dir", str(optimizer_sweep), "--json")
+    assert result.exit_code == 0, result.output
+    assert sum(len(g["job_ids"]) for g in json.loads(result.stdout)["blocks"][0]["groups"]) == 6
+    assert "sweep manifest of sw-test: damaged" in result.stderr
+
+
+def test_a_damaged_manifest_with_no_runs_says_so(tmp_path):
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "sw-gone.json").write_text('{"jobs": 5}')
+    result = compare("sw-gone", "--artifacts-dir", str(tmp_path))
+    assert result.exit_code == 3
+    assert result.stderr.strip() == (f"labctl: sweep sw-gone: its manifest is damaged and no "
+                                     f"run under {tmp_path} carries its id")

@@ -117,3 +117,13 @@ def test_report_names_every_setup_and_survives_a_torn_confusion_matrix(tmp_path)
     assert images == ["confusion_numpy-cnn-on-digits--lr-0.001-.png",
                       "confusion_numpy-cnn-on-digits--lr-0.002-.png"]
     assert "has an unreadable confusion_matrix.npy" in text
+
+
+def test_a_benchmarks_file_that_is_not_text_is_left_out(sweep_runs, tmp_path):
+    root, sweep_id = sweep_runs
+    binary = tmp_path / "bin.md"
+    binary.write_bytes(bytes(range(256)) * 4)
+    result = runner.invoke(cli, ["report", sweep_id, "--artifacts-dir", str(root), "-o",
+                                 str(tmp_path / "r"), "--benchmarks", str(binary)])
+    assert result.exit_code == 0, result.output
+    assert "From `" not in (tmp_path / "r" / "report.md").read_text()

@@ -160,6 +160,9 @@ def _resolve(ref: str, root: Path, selection: Selection) -> list[Path]:
         children = sorted(p for p in path.iterdir() if (p / "spec.json").is_file())
         if children:
             return children
+    if any(note.startswith(f"sweep manifest of {ref}:") for note in selection.skipped):
+        raise RunNotFound(f"sweep {ref}: its manifest is damaged and no run under {root} "
+                          "carries its id")
     raise RunNotFound(f"no job, sweep or run folder {ref!r} (looked under {root})")
 
 
@@ -170,7 +173,8 @@ def _manifest(root: Path, sweep_id: str, selection: Selection) -> dict[str, Any]
         manifest = None
         damaged = True
     else:
-        damaged = manifest is not None and not isinstance(manifest, dict)
+        damaged = manifest is not None and (not isinstance(manifest, dict)
+                                            or not isinstance(manifest.get("jobs", []), list))
     if damaged:
         # The runs still carry their sweep id, so the tag scan can find them without it.
         selection.skipped.append(f"sweep manifest of {sweep_id}: damaged, its runs are "

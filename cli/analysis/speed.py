@@ -51,7 +51,7 @@ def benchmark_sections(path: Path, depth: int = 4) -> str | None:
     under the report's speed section; None when the file is absent or empty."""
     try:
         text = path.read_text()
-    except OSError:
+    except (OSError, UnicodeDecodeError):  # absent, or not a text file: no section
         return None
     lines = []
     for line in text.splitlines():
