@@ -115,6 +115,7 @@ def test_a_duplicated_message_runs_the_job_once(stack):
              what="the duplicate to be dropped")
     assert stack.worker_logs().count(f"job {job_id} attempt 1 claimed") == 1
     assert [row["epoch"] for row in stack.folder(job_id).read_metrics()] == [1, 2]
+    assert stack.records.read_log(job_id)[-1].startswith("succeeded: test accuracy ")
 
 
 def test_missing_data_fails_with_the_reason_and_the_worker_goes_on(stack):

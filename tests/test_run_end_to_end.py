@@ -67,6 +67,7 @@ def test_demo_reaches_97_percent_and_leaves_every_artefact(tmp_path):
             assert image.format == "PNG" and image.width > 100
     log_lines = (folder / "log.txt").read_text().splitlines()
     assert sum(line.startswith("epoch ") for line in log_lines) == 10
+    assert log_lines[-1].startswith("succeeded: test accuracy ")  # how it ended, for `logs`
     assert "epoch 10/10" in result.stderr
 
 

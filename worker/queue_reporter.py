@@ -21,7 +21,7 @@ from shared.records import JobRecords, now_iso
 from shared.spec import JobSpec
 from worker.engine import JobCancelled
 from worker.reaper import Heartbeat
-from worker.runner import Reporter, epoch_line
+from worker.runner import Reporter, epoch_line, outcome_line
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ class QueueReporter(Reporter):
     def on_end(self, state: str, result: dict[str, Any]) -> None:
         self.heartbeat.stop()  # before the final write, which ends the lease
         error = result.get("error")
-        if error:
-            self._log(f"{state}: {error}")
+        self._log(outcome_line(state, error, result.get("summary")))
         fields = {"state": state, "error": error, "finished_at": now_iso(),
                   "summary": record_summary(result.get("summary"))}
         deadline = self._clock() + FINAL_WRITE_SECONDS

@@ -124,6 +124,16 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
             f"{row['images_per_second']:.0f} img/s")
 
 
+def outcome_line(state: str, error: str | None, summary: dict[str, Any] | None) -> str:
+    """The job's last log line, so `labctl logs` ends by saying how it ended."""
+    final = (summary or {}).get("final") or {}
+    if state == "succeeded" and "test_accuracy" in final:
+        return (f"succeeded: test accuracy {final['test_accuracy']:.4f}, macro-F1 "
+                f"{final.get('test_f1_macro', float('nan')):.4f} "
+                f"({(summary or {}).get('total_seconds', 0):.1f}s)")
+    return f"{state}: {error}" if error else state
+
+
 def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter | None = None,
             *, default_data_root: str | None = None, allowed_data_dir: str | None = None,
             status_extra: dict[str, Any] | None = None) -> RunOutcome:
@@ -218,8 +228,7 @@ def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None
             *, clock: RunClock) -> RunOutcome:
     folder.update_status(state=state, error=error, finished_at=utc_now(),
                          run_seconds=clock.seconds())
-    if error:
-        folder.log(f"{state}: {error}")
+    folder.log(outcome_line(state, error, summary))
     result = {"error": error, "summary": summary or {}}
     try:
         reporter.on_end(state, result)
