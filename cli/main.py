@@ -44,6 +44,10 @@ def main() -> None:
     # Not Click's standalone mode: its Ctrl-C handling prints "Aborted!" and exits 1.
     try:
         code = cli.main(prog_name="labctl", standalone_mode=False)
+    except click.UsageError as exc:  # one line, like every other error (Click prints three)
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"labctl: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

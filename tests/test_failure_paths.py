@@ -234,3 +234,19 @@ def test_a_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys, variable, val
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"labctl: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("argv", "start"), [
+    (["list", "--limit", "0"], "labctl: Invalid value for '--limit'"),
+    (["run", "--nope"], "labctl: No such option '--nope'"),
+    (["bogus"], "labctl: No such command 'bogus'"),
+])
+def test_usage_errors_are_one_line_from_the_console_script(monkeypatch, capsys, argv, start):
+    from cli.main import main
+
+    monkeypatch.setattr("sys.argv", ["labctl", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(start) and err.count("\n") == 1 and "--help')" in err
