@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -34,6 +35,8 @@ NATIVE_IMAGE_SIZE = {"digits": 8, "mnist": 28, "synthetic": 32, "stanford-cars":
                      "imagefolder": 224}
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d{1,2})$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+#: A spec is a few hundred bytes; the cap keeps /dev/zero or a stray dataset from eating memory.
+MAX_SPEC_FILE_BYTES = 1 << 20
 
 
 class SpecError(ValueError):
@@ -118,6 +121,9 @@ class JobSpec(BaseModel):
                 raise ValueError("device: numpy-cnn runs on the CPU only; use cpu or auto")
             if self.amp:
                 raise ValueError("amp: applies to resnet50 only")
+            # Only the torch ResNet50 loads a checkpoint; the NumPy CNN would ignore it.
+            if self.init_weights:
+                raise ValueError("init_weights: applies to resnet50 only")
         if self.num_classes is not None and self.dataset != "synthetic":
             raise ValueError("num_classes: only the synthetic dataset takes a class count")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
@@ -220,31 +226,61 @@ def build_spec(values: dict[str, Any]) -> JobSpec:
 
 def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML or JSON spec file into a dict (not yet validated)."""
+    # Path("") is ".", which would be reported as a directory the user never named.
+    if not os.fspath(path):
+        raise SpecError(None, "spec file name is empty")
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise SpecError(None, f"spec file {p} not found") from None
-    except UnicodeDecodeError:
-        raise SpecError(None, f"spec file {p} is not UTF-8 text") from None
-    except OSError as exc:
-        raise SpecError(None, f"cannot read spec file {p}: {exc.strerror}") from None
-    try:
-        data = (json.loads(text, object_pairs_hook=_mapping_without_repeats)
-                if p.suffix == ".json" else yaml.load(text, Loader=_UniqueKeyLoader))  # noqa: S506
-    except RepeatedKey as exc:
-        raise SpecError(str(exc), f"set twice in spec file {p}") from None
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        where = getattr(exc, "problem_mark", None) or exc
-        line = getattr(where, "line", None)
-        lineno = getattr(where, "lineno", None) or (line + 1 if line is not None else "?")
-        kind = "JSON" if p.suffix == ".json" else "YAML"
-        raise SpecError(None, f"spec file {p} is not valid {kind} (line {lineno})") from None
+    data = _parse_spec_text(_read_spec_text(p), p)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise SpecError(None, f"spec file {p} must hold a mapping of field: value")
     return data
+
+
+def _read_spec_text(p: Path) -> str:
+    """The file's text, refusing anything over the size cap.
+
+    Reads at most one byte past the cap from the open file rather than trusting a stat:
+    /dev/zero, /dev/urandom and pipes report size 0 and never end.
+    """
+    try:
+        with p.open("rb") as f:
+            raw = f.read(MAX_SPEC_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise SpecError(None, f"spec file {p} not found") from None
+    except IsADirectoryError:
+        raise SpecError(None, f"spec file {p} is a directory") from None
+    except OSError as exc:
+        raise SpecError(None, f"cannot read spec file {p}: {exc.strerror}") from None
+    if len(raw) > MAX_SPEC_FILE_BYTES:
+        raise SpecError(None, f"spec file {p} is larger than "
+                        f"{MAX_SPEC_FILE_BYTES // (1 << 20)} MiB; a spec is a few lines")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(None, f"spec file {p} is not UTF-8 text") from None
+
+
+def _parse_spec_text(text: str, p: Path) -> Any:
+    """Parse YAML, or JSON for a ``.json`` file; every failure is one-line :class:`SpecError`."""
+    kind = "JSON" if p.suffix == ".json" else "YAML"
+    try:
+        return (json.loads(text, object_pairs_hook=_mapping_without_repeats)
+                if kind == "JSON" else yaml.load(text, Loader=_UniqueKeyLoader))  # noqa: S506
+    except RepeatedKey as exc:
+        raise SpecError(str(exc), f"set twice in spec file {p}") from None
+    except UnbuildableNode as exc:
+        raise SpecError(None, f"spec file {p} is not valid YAML "
+                        f"(line {exc.line}: {exc.problem})") from None
+    except RecursionError:
+        # Both parsers recurse once per level; thousands of "[" exhaust Python's stack.
+        raise SpecError(None, f"spec file {p} is not valid {kind} (nested too deeply)") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        where = getattr(exc, "problem_mark", None) or exc
+        line = getattr(where, "line", None)
+        lineno = getattr(where, "lineno", None) or (line + 1 if line is not None else "?")
+        raise SpecError(None, f"spec file {p} is not valid {kind} (line {lineno})") from None
 
 
 class RepeatedKey(ValueError):
@@ -261,12 +297,38 @@ def _mapping_without_repeats(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return mapping
 
 
+class UnbuildableNode(ValueError):
+    """YAML that parses but cannot become a value: a list as a key, a 13th month."""
+
+    def __init__(self, node: yaml.Node, problem: str):
+        self.line = node.start_mark.line + 1
+        self.problem = problem
+        super().__init__(f"line {self.line}: {problem}")
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_object(self, node, deep=False):
+        # SafeLoader's scalar constructors raise bare ValueError (2020-13-45, !!int abc);
+        # pin the failure to its line so the user can find it.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (RepeatedKey, UnbuildableNode):
+            raise
+        except ValueError as exc:
+            raise UnbuildableNode(node, str(exc)) from None
+
     def construct_mapping(self, node, deep=False):
         self.flatten_mapping(node)  # YAML merge keys (<<: *base) still work
-        pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep))
+        pairs = [(self._construct_key(k, deep), self.construct_object(v, deep=deep))
                  for k, v in node.value]
         return _mapping_without_repeats(pairs)
+
+    def _construct_key(self, node, deep):
+        # A complex key (? [a, b]) builds a list, which a dict cannot hold.
+        key = self.construct_object(node, deep=deep)
+        if not isinstance(key, Hashable):
+            raise UnbuildableNode(node, "a key must be a plain name, not a list or mapping")
+        return key
 
 
 def spec_schema() -> dict[str, Any]:

@@ -159,3 +159,40 @@ def test_entry_point_keeps_click_exit_codes(monkeypatch, capsys):
             entry.main()
         assert exited.value.code == code, argv
     assert "epochs:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "text", "mentions"), [
+    ("deep.yaml", "a: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
+    ("deep.json", '{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    ("complex.yaml", "? [a, b]\n: 1\n", "a key must be"),
+    ("date.yaml", "a: 2020-13-45\n", "not valid YAML"),
+])
+def test_unusable_spec_files_exit_2_in_one_line(tmp_path, name, text, mentions):
+    (tmp_path / name).write_text(text)
+    assert_clean_failure(invoke("validate", str(tmp_path / name)), mentions=mentions)
+    assert_clean_failure(invoke("spec", "show", "-f", str(tmp_path / name)), mentions=mentions)
+
+
+def test_endless_spec_file_exits_2():
+    assert_clean_failure(invoke("validate", "/dev/zero"), mentions="larger than 1 MiB")
+
+
+def test_empty_name_and_directory_exit_2_saying_so(tmp_path):
+    assert_clean_failure(invoke("validate", ""), mentions="spec file name is empty")
+    assert_clean_failure(invoke("validate", str(tmp_path)), mentions="is a directory")
+
+
+def test_init_weights_with_numpy_cnn_exits_2(tmp_path):
+    result = invoke("run", "--model", "numpy-cnn", "--dataset", "digits", "--epochs", "1",
+                    "--init-weights", "/x", "--artifacts-dir", str(tmp_path / "art"))
+    assert_clean_failure(result, mentions="init_weights: applies to resnet50 only")
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("args", [("spec", "schema"), ("spec", "show", "--dataset", "digits")])
+def test_spec_commands_accept_json_and_print_the_same(args):
+    # Scripts pass --json to every read command; here the output is JSON either way.
+    plain, flagged = invoke(*args), invoke(*args, "--json")
+    assert flagged.exit_code == 0, flagged.output
+    assert flagged.stdout == plain.stdout
+    json.loads(flagged.stdout)

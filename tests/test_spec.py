@@ -177,3 +177,53 @@ def test_schema_documents_every_default():
     assert all(prop.get("description") for prop in props.values())
     assert schema["additionalProperties"] is False
     assert math.isclose(props["eps"]["default"], 1e-8)
+
+
+def test_numpy_cnn_refuses_init_weights():
+    # The NumPy CNN has no torchvision checkpoint format; the weights would be ignored.
+    with pytest.raises(SpecError, match="^init_weights: applies to resnet50 only$"):
+        build_spec({"model": "numpy-cnn", "dataset": "digits", "init_weights": "/x"})
+    assert build_spec({"init_weights": "/x"}).init_weights == "/x"
+
+
+@pytest.mark.parametrize("name", ["deep.yaml", "deep.json"])
+def test_deeply_nested_spec_file_is_refused(tmp_path, name):
+    text = ('{"a": ' if name.endswith(".json") else "a: ") + "[" * 5000 + "]" * 5000
+    (tmp_path / name).write_text(text + ("}" if name.endswith(".json") else ""))
+    with pytest.raises(SpecError, match="is not valid (YAML|JSON) .*nested too deeply"):
+        load_spec_file(tmp_path / name)
+
+
+@pytest.mark.parametrize("text", ["? [a, b]\n: 1\n", "? {a: 1}\n: 2\n"])
+def test_yaml_complex_key_is_refused(tmp_path, text):
+    (tmp_path / "complex.yaml").write_text(text)
+    with pytest.raises(SpecError, match=r"not valid YAML \(line 1: a key must be"):
+        load_spec_file(tmp_path / "complex.yaml")
+
+
+@pytest.mark.parametrize("text", ["a: 2020-13-45\n", "a: !!float abc\n", "a: !!int abc\n"])
+def test_yaml_value_that_cannot_be_built_is_refused(tmp_path, text):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(SpecError, match=r"not valid YAML \(line 1: "):
+        load_spec_file(tmp_path / "bad.yaml")
+
+
+def test_oversized_spec_file_is_refused_without_reading_it_all(tmp_path):
+    (tmp_path / "big.yaml").write_text("# " + "x" * (1 << 20) + "\nepochs: 3\n")
+    with pytest.raises(SpecError, match="larger than 1 MiB"):
+        load_spec_file(tmp_path / "big.yaml")
+    with pytest.raises(SpecError, match="larger than 1 MiB"):
+        load_spec_file("/dev/zero")  # endless: only a bounded read can finish
+
+
+def test_spec_file_that_is_not_utf8_is_refused(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SpecError, match="not UTF-8 text"):
+        load_spec_file(tmp_path / "latin1.yaml")
+
+
+def test_empty_name_and_directory_are_named_plainly(tmp_path):
+    with pytest.raises(SpecError, match="^spec file name is empty$"):
+        load_spec_file("")
+    with pytest.raises(SpecError, match=f"^spec file {tmp_path} is a directory$"):
+        load_spec_file(tmp_path)
