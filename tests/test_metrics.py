@@ -45,11 +45,15 @@ def families() -> dict:
 # --- names and labels --------------------------------------------------------------------
 
 def test_every_application_metric_follows_the_naming_rules():
+    m.JOBS.labels(state="succeeded", **SPEC_LABELS).inc(0)  # a series, so samples exist
     ours = {name: f for name, f in families().items() if name.startswith("labctl_")}
     assert ours, "no labctl_ metric exposed"
+    assert any(f.type == "counter" for f in ours.values())
     for name, family in ours.items():
         if family.type == "counter":
-            assert any(s.name == f"{name}_total" for s in family.samples) or not family.samples
+            names = {s.name for s in family.samples}
+            assert f"{name}_total" in names, name
+            assert names <= {f"{name}_total", f"{name}_created"}, names
         if family.type == "histogram":
             assert name.endswith("_seconds"), name
         assert "_ms" not in name and "milliseconds" not in name, name

@@ -43,9 +43,13 @@ class Layer:
         self.cache: tuple | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        """x: the layer's input (each subclass documents its shapes) -> its output. Keeps in
+        ``self.cache`` what backward needs."""
         raise NotImplementedError
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        """grad_out: d loss / d output, shaped like forward's output -> d loss / d input,
+        shaped like forward's input. Adds (never assigns) into ``self.grads``."""
         raise NotImplementedError
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

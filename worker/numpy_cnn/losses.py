@@ -23,7 +23,10 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(f"expected logits (N, K) and labels (N,), got {logits.shape} and "
                          f"{labels.shape}")
-    n = logits.shape[0]
+    n, k = logits.shape
+    # Numpy would read -1 as the last class and train on the wrong targets without a word.
+    if n and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must be in [0, {k}), got {labels.min()}..{labels.max()}")
     rows = np.arange(n)
     with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN logits: report, don't warn
         log_probs = log_softmax(logits)

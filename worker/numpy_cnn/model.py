@@ -81,8 +81,9 @@ class Sequential:
         return _to_nchw(x) if channels_last else x
 
     def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
-        """grad_out: d loss / d output -> d loss / d input (None if not ``input_grad``, which
-        lets a first fused block skip its input gradient). Adds into every layer's grads."""
+        """grad_out: d loss / d output, shaped like forward's output (e.g. (N, K) logits) ->
+        (N, C, H, W) d loss / d input (None if not ``input_grad``, which lets a first fused
+        block skip its input gradient). Adds into every layer's grads."""
         grad = grad_out
         channels_last = False  # forward returned NCHW
         for index in range(len(self._steps) - 1, -1, -1):

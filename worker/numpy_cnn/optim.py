@@ -139,16 +139,24 @@ def _check_betas(betas: tuple[float, float], eps: float) -> tuple[float, float]:
     return float(beta1), float(beta2)
 
 
-class Adam(Optimizer):
-    """Adam, as ``torch.optim.Adam(params, lr, betas, eps, weight_decay)``."""
+class _MomentOptimizer(Optimizer):
+    """What Adam and AdaMax share: a first moment decayed by ``betas[0]``, a second
+    statistic decayed by ``betas[1]``, ``eps``, and Kingma & Ba's default learning rate."""
 
-    buffers = ("exp_avg", "exp_avg_sq")
+    default_lr: float
 
-    def __init__(self, layers: Iterable[Layer], lr: float = 1e-3,
+    def __init__(self, layers: Iterable[Layer], lr: float | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
-        super().__init__(layers, lr, weight_decay)
+        super().__init__(layers, self.default_lr if lr is None else lr, weight_decay)
         self.betas, self.eps = _check_betas(betas, eps), eps
+
+
+class Adam(_MomentOptimizer):
+    """Adam, as ``torch.optim.Adam(params, lr=1e-3, betas, eps, weight_decay)``."""
+
+    buffers = ("exp_avg", "exp_avg_sq")
+    default_lr = 1e-3
 
     def _step(self, param, grad, state, step):
         beta1, beta2 = self.betas
@@ -167,17 +175,12 @@ class Adam(Optimizer):
         param -= update
 
 
-class AdaMax(Optimizer):
-    """AdaMax, as ``torch.optim.Adamax(params, lr, betas, eps, weight_decay)``: Adam with
-    the infinity norm ``u = max(beta2 * u, |g| + eps)`` in place of the second moment."""
+class AdaMax(_MomentOptimizer):
+    """AdaMax, as ``torch.optim.Adamax(params, lr=2e-3, betas, eps, weight_decay)``: Adam
+    with the infinity norm ``u = max(beta2 * u, |g| + eps)`` in place of the second moment."""
 
     buffers = ("exp_avg", "exp_inf")
-
-    def __init__(self, layers: Iterable[Layer], lr: float = 2e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(layers, lr, weight_decay)
-        self.betas, self.eps = _check_betas(betas, eps), eps
+    default_lr = 2e-3
 
     def _step(self, param, grad, state, step):
         beta1, beta2 = self.betas
