@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from worker.numpy_cnn.fused import ConvReLUPool
 from worker.numpy_cnn.layers import Conv2D, Flatten, Linear, MaxPool2D, ReLU, Sigmoid
 from worker.numpy_cnn.losses import softmax_cross_entropy
 
@@ -36,21 +37,27 @@ def numeric_gradient(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return grad
 
 
-def check_layer_gradients(layer, x: np.ndarray, seed: int = 0) -> None:
-    """Analytic input and parameter gradients of sum(forward(x) * R) vs central differences."""
-    layer.astype(np.float64)
-    layer.zero_grad()
-    weights = np.random.default_rng(seed).standard_normal(layer.forward(x).shape)
+def check_gradients(forward, backward, x: np.ndarray, params: dict, grads: dict,
+                    seed: int = 0) -> None:
+    """Analytic input and parameter gradients of sum(forward(x) * R) vs central differences.
+    ``grads`` must be zero on entry; ``backward`` adds into it."""
+    weights = np.random.default_rng(seed).standard_normal(forward(x).shape)
 
     def loss() -> float:
-        return float((layer.forward(x) * weights).sum())
+        return float((forward(x) * weights).sum())
 
     loss()
-    grad_in = layer.backward(weights)
+    grad_in = backward(weights)
     np.testing.assert_allclose(grad_in, numeric_gradient(loss, x), rtol=1e-6, atol=1e-8)
-    for name, param in layer.params.items():
-        np.testing.assert_allclose(layer.grads[name], numeric_gradient(loss, param),
+    for name, param in params.items():
+        np.testing.assert_allclose(grads[name], numeric_gradient(loss, param),
                                    rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+def check_layer_gradients(layer, x: np.ndarray, seed: int = 0) -> None:
+    layer.astype(np.float64)
+    layer.zero_grad()
+    check_gradients(layer.forward, layer.backward, x, layer.params, layer.grads, seed)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, shape", [
@@ -85,6 +92,49 @@ def test_parameterless_layer_gradients_match_central_differences(layer):
     check_layer_gradients(layer, distinct_values(np.random.default_rng(4), (2, 3, 4, 3)))
 
 
+def pool_windows(conv_out: np.ndarray) -> np.ndarray:
+    """(N, F, H, W) -> (N, F, H // 2, W // 2, 4): the values of each 2x2 pooling window."""
+    n, f, h, w = conv_out.shape
+    z = conv_out[:, :, :h // 2 * 2, :w // 2 * 2].reshape(n, f, h // 2, 2, w // 2, 2)
+    return z.transpose(0, 1, 2, 4, 3, 5).reshape(n, f, h // 2, w // 2, 4)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize("c, f, kernel, padding, nhw", [
+    (1, 3, 3, 1, (3, 7, 6)),    # one channel (channel-major im2col), odd non-square
+    (2, 3, 3, 1, (3, 6, 9)),    # row-major im2col
+    (3, 2, 5, 2, (2, 8, 7)),    # kernel 5, padding 2
+    (2, 2, 1, 0, (3, 5, 4)),    # kernel 1
+    (1, 2, 3, 0, (2, 8, 6)),    # no padding
+])
+def test_fused_conv_relu_pool_gradients_match_central_differences(
+        monkeypatch, threads, c, f, kernel, padding, nhw):
+    monkeypatch.setenv("LABCTL_NUMPY_THREADS", threads)  # 3 threads: one chunk per image
+    rng = np.random.default_rng(8)
+    conv = Conv2D(c, f, kernel, padding=padding, rng=rng).astype(np.float64)
+    conv.params["bias"][:] = rng.standard_normal(f) * 0.5 - 1  # some windows < 0
+    block = ConvReLUPool(conv)
+    x = rng.standard_normal((nhw[0], nhw[1], nhw[2], c))  # NHWC, float64
+    # A 1e-6 nudge must cross no kink: every window's winner leads by a margin, and no
+    # pooled value sits at ReLU's zero. Both sides of ReLU occur, so both are checked.
+    top = np.sort(pool_windows(conv.forward(x.transpose(0, 3, 1, 2))), axis=-1)
+    assert (top[..., 3] - top[..., 2]).min() > 1e-4 and np.abs(top[..., 3]).min() > 1e-4
+    assert (top[..., 3] > 0).any() and (top[..., 3] < 0).any()
+    conv.zero_grad()
+    check_gradients(block.forward, block.backward, x, conv.params, conv.grads)
+
+
+@pytest.mark.parametrize("n, k, scale", [(1, 1, 1.0), (1, 2, 1.0), (4, 5, 3.0), (7, 10, 0.1)])
+def test_cross_entropy_gradient_matches_central_differences(n, k, scale):
+    rng = np.random.default_rng(k)
+    logits = rng.standard_normal((n, k)) * scale
+    labels = rng.integers(0, k, n)
+    loss, grad = softmax_cross_entropy(logits, labels)
+    assert grad.dtype == np.float64
+    numeric = numeric_gradient(lambda: softmax_cross_entropy(logits, labels)[0], logits)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------- torch parity
 def torch_grads(fn, *arrays: np.ndarray, grad_out: np.ndarray):
     """Output of fn(*tensors) and the gradients of sum(out * grad_out) w.r.t. each input."""
@@ -106,8 +156,7 @@ def close(actual, expected, scale=1.0):
 @example(n=1, c=2, f=3, h=5, w=8, kernel=1, stride=1, padding=0, seed=1)
 @example(n=2, c=3, f=5, h=7, w=10, kernel=3, stride=2, padding=1, seed=2)
 def test_conv2d_matches_torch(n, c, f, h, w, kernel, stride, padding, seed):
-    if h + 2 * padding < kernel or w + 2 * padding < kernel:
-        return  # no output position: torch refuses such shapes too
+    assume(h + 2 * padding >= kernel and w + 2 * padding >= kernel)  # torch refuses others
     rng = np.random.default_rng(seed)
     layer = Conv2D(c, f, kernel, stride, padding, rng=rng)
     layer.params["bias"][:] = rng.standard_normal(f)
@@ -131,8 +180,7 @@ def test_conv2d_matches_torch(n, c, f, h, w, kernel, stride, padding, seed):
 @example(n=1, c=2, h=7, w=4, kernel=2, stride=None, ties=True, seed=0)
 @example(n=2, c=1, h=9, w=8, kernel=3, stride=2, ties=False, seed=1)
 def test_maxpool_matches_torch_including_ties(n, c, h, w, kernel, stride, ties, seed):
-    if kernel > min(h, w):
-        return
+    assume(kernel <= min(h, w))
     rng = np.random.default_rng(seed)
     # Small integers make many windows tie; torch sends the gradient to the first maximum.
     x = (rng.integers(0, 3, (n, c, h, w)) if ties else rng.standard_normal((n, c, h, w)))
@@ -146,9 +194,46 @@ def test_maxpool_matches_torch_including_ties(n, c, h, w, kernel, stride, ties, 
     np.testing.assert_allclose(layer.backward(grad_out), gx, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("n, d_in, d_out", [(1, 1, 1), (5, 17, 3), (64, 1568, 128)])
-def test_linear_matches_torch(n, d_in, d_out):
-    rng = np.random.default_rng(n)
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 4), c=st.integers(1, 3), f=st.integers(1, 4), h=st.integers(2, 11),
+       w=st.integers(2, 11), kernel=st.sampled_from([1, 3, 5]), padding=st.integers(0, 2),
+       threads=st.sampled_from(["1", "3"]), seed=st.integers(0, 99))
+@example(n=2, c=1, f=3, h=9, w=6, kernel=3, padding=1, threads="3", seed=0)
+@example(n=3, c=3, f=4, h=8, w=11, kernel=5, padding=2, threads="3", seed=1)
+@example(n=1, c=2, f=2, h=2, w=3, kernel=1, padding=0, threads="1", seed=2)
+def test_fused_conv_relu_pool_matches_torch(n, c, f, h, w, kernel, padding, threads, seed):
+    """The training fast path (NHWC, chunked over threads) against conv -> relu -> pool."""
+    assume(padding < kernel)  # what fusable() admits
+    assume(h + 2 * padding - kernel + 1 >= 2 and w + 2 * padding - kernel + 1 >= 2)
+    rng = np.random.default_rng(seed)
+    conv = Conv2D(c, f, kernel, padding=padding, rng=rng)
+    conv.params["bias"][:] = rng.standard_normal(f)
+    block = ConvReLUPool(conv)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LABCTL_NUMPY_THREADS", threads)
+        out = block.forward(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+        grad_out = rng.standard_normal(out.shape).astype(np.float32)
+        grad_in = block.backward(grad_out)
+    expected, (gx, gw, gb) = torch_grads(
+        lambda a, wt, b: F.max_pool2d(F.relu(F.conv2d(a, wt, b, padding=padding)), 2),
+        x, conv.params["weight"], conv.params["bias"],
+        grad_out=np.ascontiguousarray(grad_out.transpose(0, 3, 1, 2)))
+    assert out.dtype == np.float32 and grad_in.dtype == np.float32
+    close(out.transpose(0, 3, 1, 2), expected)
+    close(grad_in.transpose(0, 3, 1, 2), gx)
+    close(conv.grads["weight"], gw, scale=n * h * w)
+    close(conv.grads["bias"], gb, scale=n * h * w)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 9), d_in=st.integers(1, 40), d_out=st.integers(1, 20),
+       seed=st.integers(0, 99))
+@example(n=1, d_in=1, d_out=1, seed=0)
+@example(n=5, d_in=17, d_out=3, seed=1)
+@example(n=64, d_in=1568, d_out=128, seed=2)  # the default CNN's first Linear
+def test_linear_matches_torch(n, d_in, d_out, seed):
+    rng = np.random.default_rng(seed)
     layer = Linear(d_in, d_out, rng=rng)
     layer.params["bias"][:] = rng.standard_normal(d_out)
     x = rng.standard_normal((n, d_in)).astype(np.float32)
@@ -161,9 +246,35 @@ def test_linear_matches_torch(n, d_in, d_out):
     close(layer.grads["bias"], gb, scale=n)
 
 
+ACTIVATIONS = {"relu": (ReLU, torch.relu), "sigmoid": (Sigmoid, torch.sigmoid)}
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.sampled_from(sorted(ACTIVATIONS)),
+       shape=st.lists(st.integers(1, 6), min_size=1, max_size=4).map(tuple),
+       scale=st.sampled_from([0.1, 1.0, 10.0, 100.0]), seed=st.integers(0, 99))
+@example(name="sigmoid", shape=(2, 3, 4, 5), scale=30.0, seed=0)
+@example(name="relu", shape=(64, 16, 2, 2), scale=1.0, seed=1)
+def test_activations_match_torch_on_random_shapes(name, shape, scale, seed):
+    layer_type, fn = ACTIVATIONS[name]
+    layer = layer_type()
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * scale).astype(np.float32)
+    grad_out = rng.standard_normal(shape).astype(np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        out = layer.forward(x)
+        grad_in = layer.backward(grad_out)
+    expected, (gx,) = torch_grads(fn, x, grad_out=grad_out)
+    assert out.dtype == np.float32 and out.shape == shape
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    # Near saturation s * (1 - s) keeps only float32's absolute precision (~6e-8 * |grad|),
+    # in torch as here (both ~1e-7 from the float64 value), hence the absolute tolerance.
+    np.testing.assert_allclose(grad_in, gx, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("layer, fn", [(ReLU(), torch.relu), (Sigmoid(), torch.sigmoid)],
                          ids=["relu", "sigmoid"])
-def test_activations_match_torch(layer, fn):
+def test_activations_match_torch_on_extreme_inputs(layer, fn):
     rng = np.random.default_rng(5)
     x = np.concatenate([rng.standard_normal(50), [0.0, -1000.0, 1000.0, 88.0, -104.0]])
     x = x.astype(np.float32).reshape(1, 1, 5, 11)
@@ -176,17 +287,22 @@ def test_activations_match_torch(layer, fn):
     np.testing.assert_allclose(grad_in, gx, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("n, k", [(1, 2), (7, 10), (32, 196)])
-def test_cross_entropy_matches_torch(n, k):
-    rng = np.random.default_rng(k)
-    logits = (rng.standard_normal((n, k)) * 5).astype(np.float32)
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 16), k=st.integers(1, 30), scale=st.sampled_from([0.1, 1.0, 5.0, 50.0]),
+       seed=st.integers(0, 99))
+@example(n=1, k=2, scale=5.0, seed=0)
+@example(n=7, k=10, scale=5.0, seed=1)
+@example(n=32, k=196, scale=5.0, seed=2)  # Stanford Cars' 196 classes
+def test_cross_entropy_matches_torch(n, k, scale, seed):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((n, k)) * scale).astype(np.float32)
     labels = rng.integers(0, k, n)
     loss, grad = softmax_cross_entropy(logits, labels)
     logits_t = torch.tensor(logits, requires_grad=True)
     expected = F.cross_entropy(logits_t, torch.from_numpy(labels))
     expected.backward()
     assert isinstance(loss, float) and grad.dtype == np.float32
-    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert loss == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(grad, logits_t.grad.numpy(), rtol=1e-5, atol=1e-7)
 
 
