@@ -207,3 +207,16 @@ def test_decode_cache_is_reused_and_matches(tmp_path, monkeypatch):
     monkeypatch.setenv("LABCTL_DATA_CACHE_DIR", str(other))
     load_arrays(spec(tmp_path, image_size=16))
     assert len(list(other.iterdir())) == 4
+
+
+def test_an_inverted_box_is_reported_when_cropping(tmp_path):
+    base = make_mini_stanford_cars(tmp_path, "official")
+    path = base / "devkit" / "cars_train_annos.mat"
+    annos = scipy.io.loadmat(path)["annotations"]
+    first = annos[0, 0]
+    first["bbox_x1"], first["bbox_x2"] = first["bbox_x2"].copy(), first["bbox_x1"].copy()
+    scipy.io.savemat(path, {"annotations": annos})
+    with pytest.raises(DataError, match=r"cars_train_annos\.mat at .*: the box of 00001\.jpg "
+                                        r"is inverted \(x \d+\.\.\d+"):
+        load_arrays(spec(tmp_path, crop_to_bbox=True))
+    load_arrays(spec(tmp_path))  # boxes are only read to crop

@@ -192,3 +192,31 @@ def test_cuda_fused_adam_and_matching_outputs_with_torchvision():
     x = torch.randn(4, 3, 64, 64, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(engine.model(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [8, 32, 33, 63, 64, 65, 96])
+def test_last_feature_map_side_matches_the_model(size):
+    from worker.resnet import resnet50
+    from worker.torch_engine import last_feature_map_side
+
+    model = resnet50(num_classes=2).eval()
+    trunk = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                                model.layer1, model.layer2, model.layer3, model.layer4)
+    with torch.no_grad():
+        side = trunk(torch.zeros(1, 3, size, size)).shape[-1]
+    assert last_feature_map_side(size) == side
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"batch_size": 1}, "batch_size: ResNet50 at image_size 32 cannot train on batches of one"),
+    ({"limit_train": 1}, "the training split has one image"),
+])
+def test_a_batch_of_one_at_a_small_size_is_refused_before_training(tmp_path, overrides,
+                                                                   message):
+    # BatchNorm would fail in the first step with torch's own words, as a crash (exit 1).
+    spec = build_spec({"model": "resnet50", "dataset": "digits", "image_size": 32,
+                       "epochs": 1, "num_workers": 0, "limit_test": 8, **overrides})
+    outcome = run_job(spec, "20260101-000000-0000b1", ArtifactStore(tmp_path))
+    assert outcome.state == "failed" and outcome.failure == "input"
+    assert outcome.error.startswith(message)
+    assert "\n" not in outcome.error

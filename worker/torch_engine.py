@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from shared.artifacts import atomic_path
-from shared.spec import JobSpec
+from shared.spec import JobSpec, SpecError
 from worker.data import build_torch_datasets
 from worker.engine import BatchCallback, DataError, EvalResult, TrainingDiverged, TrainResult
 from worker.resnet import load_init_weights, resnet50
@@ -85,6 +85,30 @@ def restore_rng_state(state: dict[str, Any], loader_generator: torch.Generator) 
     loader_generator.set_state(state["loader"])
 
 
+def last_feature_map_side(image_size: int) -> int:
+    """Side of ResNet50's last feature map: the stem (conv 7x7/2, max-pool 3x3/2) then three
+    stride-2 stages, each rounding as the convolutions do."""
+    side = (image_size + 2 * 3 - 7) // 2 + 1
+    for _ in range(4):  # the max-pool, then layer2, layer3 and layer4
+        side = (side + 2 - 3) // 2 + 1
+    return side
+
+
+def _check_batchnorm_can_train(spec: JobSpec, train_size: int) -> None:
+    """BatchNorm in training mode needs more than one value per channel: one image whose
+    last feature map is 1x1 has exactly one. Said before training, as the fix is the spec's."""
+    size = spec.effective_image_size
+    if last_feature_map_side(size) > 1:
+        return
+    if train_size == 1:
+        raise DataError(f"the training split has one image, and ResNet50 at image_size {size} "
+                        "cannot train on a batch of one; use more images or image_size >= 64")
+    if spec.batch_size == 1:
+        raise SpecError("batch_size", f"ResNet50 at image_size {size} cannot train on "
+                        "batches of one image (BatchNorm would see one value per channel); "
+                        "use --batch-size 2 or more, or --image-size 64 or more")
+
+
 class TorchEngine:
     checkpoint_name = "checkpoint.pt"
     weights_name = "model.pt"
@@ -103,6 +127,7 @@ class TorchEngine:
         self.class_names = list(data.class_names)
         self.num_classes = data.num_classes
         self.train_size, self.test_size = len(data.train), len(data.test)
+        _check_batchnorm_can_train(spec, self.train_size)
 
         self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         model = resnet50(num_classes=self.num_classes)

@@ -137,6 +137,12 @@ def read_annotations(path: Path, images: Path, num_classes: int, crop_to_bbox: b
     if crop_to_bbox:
         boxes = np.stack([np.asarray([int(v) for v in annos[k]], dtype=np.int64)
                           for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")], axis=1)
+        # An inverted box would be clamped to a 1-pixel sliver and train as noise.
+        inverted = np.flatnonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))
+        if len(inverted):
+            x1, y1, x2, y2 = boxes[inverted[0]].tolist()
+            raise DataError(f"{path.name} at {path.parent}: the box of {fnames[inverted[0]]} "
+                            f"is inverted (x {x1}..{x2}, y {y1}..{y2})")
     return ImageSamples([str(images / f) for f in fnames], labels, boxes)
 
 
