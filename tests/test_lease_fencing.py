@@ -16,7 +16,7 @@ from shared.records import JobRecords, lease_key
 from shared.spec import build_spec
 from worker.queue_reporter import JobReleased, QueueReporter
 from worker.reaper import Heartbeat
-from worker.runner import run_job
+from worker.runner import Reporter, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +64,39 @@ def test_a_stale_attempt_writes_no_epoch_into_the_folder(taken_over, tmp_path):
     assert folder.read_metrics() == []
     assert not list(folder.path.glob("*.npz")) and not list(folder.path.glob("*.pt"))
     assert records.get(job_id)["metrics"] is None  # the record was not touched either
+
+
+class LosesTheLeaseAtWrite(Reporter):
+    """Learns it lost the job at its n-th fenced write, as a worker that woke up there."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def before_save(self, epoch: int) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            raise JobReleased("lease lost to another attempt", lost=True)
+
+
+def _run_until_fenced(n: int, tmp_path) -> tuple[LosesTheLeaseAtWrite, object]:
+    store = ArtifactStore(tmp_path / "artifacts")
+    reporter = LosesTheLeaseAtWrite(n)
+    with pytest.raises(JobReleased):
+        run_job(SPEC, "20260101-000000-0000f1", store, reporter)
+    return reporter, store.job("20260101-000000-0000f1")
+
+
+def test_every_write_is_fenced_not_only_the_first_of_an_epoch(tmp_path):
+    # Epoch 1: row (fence 1), checkpoint (fence 2), status (fence 3).
+    _, folder = _run_until_fenced(2, tmp_path / "a")
+    assert [r["epoch"] for r in folder.read_metrics()] == [1]
+    assert not (folder.path / "checkpoint.npz").exists()
+    _, folder = _run_until_fenced(3, tmp_path / "b")
+    assert (folder.path / "checkpoint.npz").exists() and folder.read_status()["epoch"] == 0
+
+
+def test_a_stale_attempt_cannot_write_the_end(tmp_path):
+    # 2 epochs x 3 writes, 3 final artefact writes, then the final status: fence 10.
+    reporter, folder = _run_until_fenced(10, tmp_path)
+    assert folder.read_summary() is not None  # fence 9 passed: still the owner then
+    assert folder.read_status()["state"] == "running"  # not "succeeded" by a stale attempt

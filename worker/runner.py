@@ -13,7 +13,9 @@ import random
 import re
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -226,6 +228,7 @@ def _describe_crash(exc: Exception, spec: JobSpec) -> str:
 def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None,
             summary: dict[str, Any] | None = None, failure: str | None = None,
             *, clock: RunClock) -> RunOutcome:
+    reporter.before_save(0)  # the end is a write too: a stale attempt must not make it
     folder.update_status(state=state, error=error, finished_at=utc_now(),
                          run_seconds=clock.seconds())
     folder.log(outcome_line(state, error, summary))
@@ -272,27 +275,34 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         if evaluated.top5 is not None:
             row["test_top5_accuracy"] = evaluated.top5
         row.update(evaluated.extra)
-        reporter.before_save(epoch)
+        # Each write is fenced on its own: a worker frozen between two of them (SIGSTOP, a
+        # swap storm) must not resume writing into a folder another attempt now owns.
+        fence = partial(reporter.before_save, epoch)
         # The row before the checkpoint: a crash in between resumes from epoch - 1, re-runs
         # this epoch, and the resume truncation drops the orphan row, so each epoch appears
         # exactly once (the other order would lose this epoch's row for good).
+        fence()
         folder.append_metrics(row)
         folder.log(epoch_line(row, spec.epochs))
+        fence()
         engine.save_checkpoint(checkpoint, epoch, spec.model_dump(mode="json"))
+        fence()
         folder.update_status(epoch=epoch, metrics=row, run_seconds=clock.seconds())
         reporter.on_epoch(row)
 
-    reporter.before_save(spec.epochs)
-    return _write_final_artefacts(spec, folder, engine, clock)
+    return _write_final_artefacts(spec, folder, engine, clock,
+                                  partial(reporter.before_save, spec.epochs))
 
 
 def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
-                           clock: RunClock) -> dict[str, Any]:
+                           clock: RunClock, fence: Callable[[], None]) -> dict[str, Any]:
     from worker import plots  # matplotlib import is slow; only finished jobs need it
 
+    fence()
     engine.save_weights(folder.path / engine.weights_name)
     evaluated = engine.evaluate()
     cm = confusion_matrix(evaluated.y_true, evaluated.y_pred, engine.num_classes)
+    fence()
     np.save(folder.path / "confusion_matrix.npy", cm)
     rows = folder.read_metrics()
     plots.write_job_plots(folder.plots_dir, rows, cm, engine.class_names)
@@ -318,5 +328,6 @@ def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
         "total_seconds": clock.seconds(),
         "finished_at": utc_now(),
     }
+    fence()
     write_json(folder.summary_path, summary)
     return summary
