@@ -158,6 +158,22 @@ class JobFolder:
     def read_summary(self) -> dict[str, Any] | None:
         return read_json(self.summary_path)
 
+    def mirror_end(self, record: dict[str, Any]) -> bool:
+        """Copy a record's final state into status.json when something other than the runner
+        ended the job (the reaper, a cancel while it waited to be requeued), so the folder
+        does not say "running" forever. Only a folder that exists and has not ended itself
+        is touched; returns whether it was."""
+        if record.get("state") not in ("succeeded", "failed", "cancelled") or not self.exists():
+            return False
+        try:
+            if self.read_status().get("state") in ("succeeded", "failed", "cancelled"):
+                return False
+            self.update_status(state=record["state"], error=record.get("error"),
+                               finished_at=record.get("finished_at") or utc_now())
+        except (OSError, ValueError):  # unwritable or corrupt: the record stays the truth
+            return False
+        return True
+
     def update_status(self, **fields: Any) -> dict[str, Any]:
         status = self.read_status()
         status.update(fields)

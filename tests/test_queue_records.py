@@ -168,3 +168,35 @@ def test_log_lines_append_in_order(records):
     records.append_log(job_id, "c")
     assert records.read_log(job_id) == ["a", "b", "c"]
     assert records.read_log(job_id, 2) == ["c"]
+
+
+def test_the_reaper_writes_the_end_it_decides_into_the_folder(records, labctl_env, tmp_path):
+    # The dead worker never wrote it: without this, status.json says "running" forever.
+    from shared.artifacts import ArtifactStore
+    from worker.reaper import Reaper
+
+    labctl_env(artifacts_dir=tmp_path / "art")
+    job_id = queued(records)
+    folder = ArtifactStore(tmp_path / "art").job(job_id).create()
+    folder.update_status(state="running", epoch=8)
+    assert records.claim(job_id, 1, "w:1:1", 0.05) == "claimed"
+    time.sleep(0.1)
+    Reaper(None, records, interval=60, max_losses=1).sweep()
+    status = folder.read_status()
+    assert records.get(job_id)["state"] == "failed"
+    assert status["state"] == "failed" and "worker lost" in status["error"]
+    assert status["epoch"] == 8  # the rest of what the runner wrote is kept
+
+
+def test_mirror_end_never_overrides_an_end_the_folder_recorded(tmp_path):
+    from shared.artifacts import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    done = store.job(new_job_id()).create()
+    done.update_status(state="succeeded")
+    assert not done.mirror_end({"state": "failed", "error": "late reaper"})
+    assert done.read_status()["state"] == "succeeded"
+    assert not store.job(new_job_id()).mirror_end({"state": "cancelled"})  # no folder: none
+    running = store.job(new_job_id()).create()
+    running.update_status(state="running")
+    assert not running.mirror_end({"state": "running"})  # nothing has ended

@@ -153,6 +153,21 @@ def test_a_job_its_folder_says_ended_is_not_trained_again(stack):
     assert folder.read_status()["epoch"] == 2
 
 
+def test_a_job_cancelled_while_requeued_gets_its_folder_marked(stack):
+    # Handed back after some epochs, then cancelled while queued: no runner will end it, so
+    # the worker that drops its message writes the record's end into the folder.
+    job_id = new_job_id()
+    stack.records.create(job_id, build_spec(TINY), "cpu")
+    folder = stack.folder(job_id)
+    folder.create()
+    folder.update_status(state="running", epoch=1)
+    assert stack.records.request_cancel(job_id) == "queued"
+    enqueue(job_id, TINY, attempt=1, queue="cpu", app=stack.app)
+    wait_for(lambda: folder.read_status()["state"] == "cancelled", 30,
+             what="the folder to say cancelled")
+    assert folder.read_status()["epoch"] == 1 and folder.read_metrics() == []
+
+
 def test_divergence_fails_with_the_epoch(stack):
     record = stack.wait_end(stack.submit(**DIVERGE))
     assert record["state"] == "failed"

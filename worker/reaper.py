@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from shared.artifacts import ArtifactStore
 from shared.records import MAX_WORKER_LOSSES, JobRecords, connect
 from shared.settings import get_settings
 
@@ -112,7 +113,13 @@ class Reaper(threading.Thread):
                 requeued.append(job_id)
             elif outcome in ("failed", "cancelled"):
                 log.warning("job %s: its worker was lost; marked %s", job_id, outcome)
+                self._mirror_end(job_id)
         return requeued
+
+    def _mirror_end(self, job_id: str) -> None:
+        """The dead worker never wrote the end into the folder: write the record's."""
+        record = self.records.get(job_id) or {}
+        ArtifactStore(get_settings().artifacts_dir).job(job_id).mirror_end(record)
 
     def stop(self) -> None:
         self._stop_event.set()

@@ -87,6 +87,8 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         # e.g. kombu's visibility-timeout redelivery), busy (a live worker holds it) or
         # missing (no record): acking is the whole job.
         log.info("job %s attempt %d not run: %s", job_id, attempt, claimed)
+        if claimed == "terminal":  # e.g. cancelled while queued after a hand-back
+            _mirror_end(records, store, job_id)
         return {"job_id": job_id, "attempt": attempt, "skipped": claimed}
     log.info("job %s attempt %d claimed by %s", job_id, attempt, hostname)
     ended = _ended_in_its_folder(store, job_id)
@@ -114,6 +116,15 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         raise Reject(error, requeue=False) from None
 
     return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
+
+
+def _mirror_end(records: JobRecords, store: ArtifactStore, job_id: str) -> None:
+    try:
+        record = records.get(job_id) or {}
+    except redis.RedisError:
+        return  # the folder keeps its state; the record stays the truth
+    if store.job(job_id).mirror_end(record):
+        log.info("job %s: folder status set to %s, as its record says", job_id, record["state"])
 
 
 def _ended_in_its_folder(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
