@@ -9,13 +9,15 @@ from collections.abc import Callable
 import click
 
 from cli.broker import broker_errors, checked_job_id, open_records_unless_local
-from cli.errors import NotFound
+from cli.errors import BrokerUnavailable, NotFound
 from shared.artifacts import ArtifactStore
 from shared.records import TERMINAL_STATES, JobRecords
 from shared.settings import get_settings
 
 #: How often --follow / --wait ask Redis; a few cheap reads a second.
 POLL_SECONDS = 0.25
+#: How long --follow / --wait ride over Redis being unreachable before exiting 69.
+FOLLOW_OUTAGE_SECONDS = 30.0
 
 
 def follow_log(records: JobRecords, job_id: str, emit: Callable[[str], None], *,
@@ -23,10 +25,21 @@ def follow_log(records: JobRecords, job_id: str, emit: Callable[[str], None], *,
     """Emit the job's log lines from ``start``; with ``follow``, keep emitting new ones until
     the job ends. Returns the job's last state seen."""
     seen = start
+    outage_started: float | None = None
     while True:
-        with broker_errors():
-            state = records.state(job_id)  # read before the lines: none is missed at the end
-            lines = records.read_log(job_id, seen)
+        try:
+            with broker_errors():
+                state = records.state(job_id)  # read before the lines: none is missed at the end
+                lines = records.read_log(job_id, seen)
+        except BrokerUnavailable:
+            # A Redis restart takes seconds and the job trains on through it (its lease
+            # outlives the outage): a follower should too, not exit 69 mid-job.
+            outage_started = outage_started or time.monotonic()
+            if not follow or time.monotonic() - outage_started > FOLLOW_OUTAGE_SECONDS:
+                raise
+            time.sleep(1.0)
+            continue
+        outage_started = None
         for line in lines:
             emit(line)
         seen += len(lines)

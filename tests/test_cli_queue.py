@@ -223,3 +223,27 @@ def test_worker_exits_2_when_its_metrics_port_is_taken(labctl_env):
         result = CliRunner().invoke(cli, ["worker", "--metrics-port", str(port)])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"labctl: --metrics-port {port}: Address already in use"
+
+
+def test_logs_follow_rides_over_a_redis_restart(records, redis_server):
+    # The job trains on through a short outage (its lease outlives it); so must a follower.
+    import threading
+
+    job_id = running_job(records)
+
+    def restart_then_finish():
+        time.sleep(0.5)
+        redis_server.restart(downtime=2.0)  # same port, data from the append-only file
+        after = JobRecords.from_url(redis_server.url)
+        after.append_log(job_id, "the end")
+        after.update_owned(job_id, "w1@host:1:1", state="succeeded")
+
+    restarter = threading.Thread(target=restart_then_finish)
+    restarter.start()
+    try:
+        result = labctl("logs", job_id, "--follow")
+    finally:
+        restarter.join()
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "the end"
+    assert result.stdout.count("epoch 1/3") == 1  # nothing printed twice after the outage
