@@ -100,3 +100,23 @@ def test_a_stale_attempt_cannot_write_the_end(tmp_path):
     reporter, folder = _run_until_fenced(10, tmp_path)
     assert folder.read_summary() is not None  # fence 9 passed: still the owner then
     assert folder.read_status()["state"] == "running"  # not "succeeded" by a stale attempt
+
+
+def test_a_resumed_attempt_backfills_the_epoch_line_its_predecessor_never_logged(
+        redis_server):
+    # Killed between epoch 2's checkpoint and its log line: the resume starts after epoch 2.
+    from worker.runner import epoch_line
+
+    records = JobRecords.from_url(redis_server.url)
+    job_id = new_job_id()
+    records.create(job_id, SPEC, "cpu")
+    assert records.claim(job_id, 1, CURRENT, 5) == "claimed"
+    rows = [{"epoch": e, "train_loss": 1.0, "test_loss": 1.0, "test_accuracy": 0.5,
+             "test_f1_macro": 0.5, "epoch_seconds": 1.0, "images_per_second": 9.0}
+            for e in (1, 2)]
+    records.append_log(job_id, "attempt 1 started on w1", epoch_line(rows[0], 2))
+    reporter_for(records, job_id, CURRENT).on_start(
+        job_id, SPEC, {"start_epoch": 2, "finished_rows": rows})
+    log = records.read_log(job_id)
+    assert [line.split()[1] for line in log if line.startswith("epoch ")] == ["1/2", "2/2"]
+    assert log[-1] == "resumed from checkpoint after epoch 2"

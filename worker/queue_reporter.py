@@ -10,6 +10,7 @@ answers again.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +59,10 @@ def record_summary(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: summary[k] for k in ("final", "best", "total_seconds") if k in summary} or None
 
 
+#: "epoch 3/10 train_loss=..." as written by ``epoch_line``.
+_EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+ ")
+
+
 class QueueReporter(Reporter):
     def __init__(self, records: JobRecords, job_id: str, owner: str, heartbeat: Heartbeat,
                  *, clock: Callable[[], float] = time.monotonic):
@@ -73,6 +78,7 @@ class QueueReporter(Reporter):
     def on_start(self, job_id: str, spec: JobSpec, info: dict[str, Any]) -> None:
         self.epochs = spec.epochs
         if info.get("start_epoch"):
+            self._backfill_epoch_lines(info.get("finished_rows") or [])
             self._log(f"resumed from checkpoint after epoch {info['start_epoch']}")
         self._update(num_classes=info.get("num_classes"), train_size=info.get("train_size"),
                      test_size=info.get("test_size"), start_epoch=info.get("start_epoch", 0))
@@ -130,6 +136,19 @@ class QueueReporter(Reporter):
                 time.sleep(1.0)
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _backfill_epoch_lines(self, rows: list[dict[str, Any]]) -> None:
+        """A worker killed between an epoch's checkpoint and its log line (or whose buffered
+        line died with it in a Redis outage) left that epoch out of `labctl logs`; the
+        resumed attempt will not re-run it, so it writes the line from metrics.jsonl."""
+        try:
+            logged = {int(m[1]) for line in self.records.read_log(self.job_id)
+                      if (m := _EPOCH_LINE.match(line))}
+        except redis.RedisError:
+            return  # a log with a gap beats a job held up by its log
+        for row in rows:
+            if row["epoch"] not in logged:
+                self._pending_lines.append(epoch_line(row, self.epochs))
 
     def _log(self, line: str) -> None:
         self._pending_lines.append(line)

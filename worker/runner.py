@@ -253,7 +253,9 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
     info = {"num_classes": engine.num_classes, "train_size": engine.train_size,
             "test_size": engine.test_size, "start_epoch": start_epoch}
     folder.update_status(**info)
-    reporter.on_start(folder.job_id, spec, info)
+    # A resumed job's earlier rows, for a reporter whose copy of them may be missing one.
+    rows = folder.read_metrics() if start_epoch else []
+    reporter.on_start(folder.job_id, spec, {**info, "finished_rows": rows})
 
     for epoch in range(start_epoch + 1, spec.epochs + 1):
         lr = engine.current_lr()
