@@ -54,6 +54,9 @@ def broker_errors() -> Iterator[None]:
     except redis.ResponseError as exc:
         if any(code in str(exc) for code in ("NOAUTH", "WRONGPASS", "LOADING")):
             raise unavailable(exc) from None
+        if "DB index is out of range" in str(exc):  # the /N of the URL: a setting, exit 2
+            raise BadSpec("LABCTL_REDIS_URL: its database number is out of range for this "
+                          "Redis (databases 0-15 by default)") from None
         raise LabctlError(f"Redis error: {exc}") from None
     except (redis.RedisError, OSError) as exc:  # connection, timeout, auth, protocol
         raise unavailable(exc) from None

@@ -110,6 +110,13 @@ def test_unreachable_broker_exits_69_quickly_without_the_password(labctl_env):
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
 
 
+def test_a_database_number_out_of_range_exits_2(redis_server, labctl_env):
+    labctl_env(redis_url=f"redis://127.0.0.1:{redis_server.port}/99")
+    result = labctl("list")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("labctl: LABCTL_REDIS_URL: its database number is out of")
+
+
 def test_wrong_password_exits_69(tmp_path, labctl_env):
     from procs import RedisServer
 
