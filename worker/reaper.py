@@ -82,6 +82,17 @@ class Heartbeat(threading.Thread):
         self._stop_event.set()
 
 
+def mirror_record_end(records: JobRecords, store: ArtifactStore, job_id: str) -> None:
+    """Write the record's end into the job's folder when no runner did (the reaper decided
+    it, or a cancel reached the job while it waited to be requeued)."""
+    try:
+        record = records.get(job_id) or {}
+    except redis.RedisError:
+        return  # the folder keeps its state; the record stays the truth
+    if store.job(job_id).mirror_end(record):
+        log.info("job %s: folder status set to %s, as its record says", job_id, record["state"])
+
+
 class Reaper(threading.Thread):
     """Requeues running jobs whose lease expired. One per worker process."""
 
@@ -118,8 +129,7 @@ class Reaper(threading.Thread):
 
     def _mirror_end(self, job_id: str) -> None:
         """The dead worker never wrote the end into the folder: write the record's."""
-        record = self.records.get(job_id) or {}
-        ArtifactStore(get_settings().artifacts_dir).job(job_id).mirror_end(record)
+        mirror_record_end(self.records, ArtifactStore(get_settings().artifacts_dir), job_id)
 
     def stop(self) -> None:
         self._stop_event.set()

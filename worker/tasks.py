@@ -22,7 +22,7 @@ from shared.settings import get_settings
 from shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
 from worker.app import TASK_NAME, app
 from worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter, record_summary
-from worker.reaper import Heartbeat, send_job, worker_records
+from worker.reaper import Heartbeat, mirror_record_end, send_job, worker_records
 from worker.runner import Reporter, Reporters, run_job
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         # missing (no record): acking is the whole job.
         log.info("job %s attempt %d not run: %s", job_id, attempt, claimed)
         if claimed == "terminal":  # e.g. cancelled while queued after a hand-back
-            _mirror_end(records, store, job_id)
+            mirror_record_end(records, store, job_id)
         return {"job_id": job_id, "attempt": attempt, "skipped": claimed}
     log.info("job %s attempt %d claimed by %s", job_id, attempt, hostname)
     ended = _ended_in_its_folder(store, job_id)
@@ -116,15 +116,6 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         raise Reject(error, requeue=False) from None
 
     return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
-
-
-def _mirror_end(records: JobRecords, store: ArtifactStore, job_id: str) -> None:
-    try:
-        record = records.get(job_id) or {}
-    except redis.RedisError:
-        return  # the folder keeps its state; the record stays the truth
-    if store.job(job_id).mirror_end(record):
-        log.info("job %s: folder status set to %s, as its record says", job_id, record["state"])
 
 
 def _ended_in_its_folder(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
