@@ -30,9 +30,9 @@ test-fast: $(STAMP)
 
 ## bench: speed ratios against references, written to docs/benchmarks.md
 bench: $(STAMP)
-	$(PY) -m bench.numpy_vs_torch
-	$(PY) -m bench.resnet_throughput
-	$(PY) -m bench.queue_latency
+	$(PY) -m labctl.bench.numpy_vs_torch
+	$(PY) -m labctl.bench.resnet_throughput
+	$(PY) -m labctl.bench.queue_latency
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cli worker shared tests bench

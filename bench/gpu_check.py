@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bench.gpu_pipeline import GpuImageCache, centre_square
-from worker.resnet import resnet50
+from labctl.bench.gpu_pipeline import GpuImageCache, centre_square
+from labctl.worker.resnet import resnet50
 
 STANFORD_CARS_TRAIN = 8144
 STANFORD_CARS_CLASSES = 196
@@ -152,9 +152,9 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> tuple[list[str], np.
 def jpeg_dataset(paths: list[str], labels: np.ndarray, size: int) -> Dataset:
     """The engine's own pipeline for Stanford Cars: decode + RandomResizedCrop + flip +
     normalise per item, in the DataLoader workers."""
-    from worker.data.samples import ImageSamples
-    from worker.data.torch_datasets import ImageFileDataset
-    from worker.data.transforms import train_transform
+    from labctl.worker.data.samples import ImageSamples
+    from labctl.worker.data.torch_datasets import ImageFileDataset
+    from labctl.worker.data.transforms import train_transform
 
     return ImageFileDataset(ImageSamples(paths, labels), train_transform(size))
 
@@ -169,7 +169,7 @@ class SquareDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from worker.data.cache import decode_short_side
+        from labctl.worker.data.cache import decode_short_side
 
         square = centre_square(decode_short_side(self.paths[i], None, self.side), self.side)
         return torch.from_numpy(np.ascontiguousarray(square)).permute(2, 0, 1)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.docs_page import BENCHMARKS_PAGE, write_section
+from labctl.bench.docs_page import BENCHMARKS_PAGE, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = BENCHMARKS_PAGE
@@ -70,7 +70,7 @@ def build_pair(case: Case, seed: int = 0, fuse: bool = True):
     import torch
     from torch import nn
 
-    from worker.numpy_cnn import build_default_cnn
+    from labctl.worker.numpy_cnn import build_default_cnn
 
     ours = build_default_cnn(case.channels, case.size, case.classes, np.random.default_rng(seed),
                              fuse=fuse)
@@ -88,7 +88,7 @@ def build_pair(case: Case, seed: int = 0, fuse: bool = True):
 
 
 def numpy_step(model, x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
-    from worker.numpy_cnn import AdaMax, softmax_cross_entropy
+    from labctl.worker.numpy_cnn import AdaMax, softmax_cross_entropy
 
     optimizer = AdaMax(model.layers, lr=2e-3)
 
@@ -191,8 +191,8 @@ def compare(case: Case, threads: int, budget_s: float, layer_by_layer: bool = Fa
 def profile_numpy(model, x: np.ndarray, y: np.ndarray, repeats: int) -> list[tuple[str, float]]:
     """Median CPU milliseconds of each phase of one NumPy training step (run it on one
     thread: the calling thread then does all the work)."""
-    from worker.numpy_cnn import AdaMax, softmax_cross_entropy
-    from worker.numpy_cnn.fused import ConvReLUPool
+    from labctl.worker.numpy_cnn import AdaMax, softmax_cross_entropy
+    from labctl.worker.numpy_cnn.fused import ConvReLUPool
 
     optimizer = AdaMax(model.layers, lr=2e-3)
     names = []
@@ -262,7 +262,7 @@ def measure(budget_s: float, profile_repeats: int) -> dict:
     import torch
     from threadpoolctl import threadpool_info
 
-    from worker.numpy_cnn.parallel import num_threads, use_single_threaded_blas
+    from labctl.worker.numpy_cnn.parallel import num_threads, use_single_threaded_blas
 
     threads = num_threads()
     use_single_threaded_blas()
@@ -288,7 +288,7 @@ def measure(budget_s: float, profile_repeats: int) -> dict:
 def run_without_coretype(args: argparse.Namespace) -> dict | None:
     """The same measurement in a child process whose environment lacks OPENBLAS_CORETYPE."""
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    cmd = [sys.executable, "-m", "bench.numpy_vs_torch", "--child", "--budget",
+    cmd = [sys.executable, "-m", "labctl.bench.numpy_vs_torch", "--child", "--budget",
            str(args.budget / 2), "--profile-repeats", "0"]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:

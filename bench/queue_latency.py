@@ -23,7 +23,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.docs_page import BENCHMARKS_PAGE, write_section
+from labctl.bench.docs_page import BENCHMARKS_PAGE, write_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = BENCHMARKS_PAGE
@@ -51,9 +51,9 @@ def wait_idle(records, timeout: float = 60.0) -> None:
 
 def measure(redis_url: str, jobs: int, timeout: float = 120.0) -> list[float]:
     """Submit ``jobs`` tiny jobs one at a time; return each one's latency in ms."""
-    from shared.queue import celery_app, submit_job
-    from shared.records import TERMINAL_STATES, JobRecords, parse_iso
-    from shared.spec import build_spec
+    from labctl.shared.queue import celery_app, submit_job
+    from labctl.shared.records import TERMINAL_STATES, JobRecords, parse_iso
+    from labctl.shared.spec import build_spec
 
     records = JobRecords.from_url(redis_url)
     app = celery_app()
@@ -98,8 +98,7 @@ def report(latencies: list[float]) -> str:
 
 def private_stack(stack: ExitStack, workdir: Path) -> str:
     """A redis-server and one worker of our own, torn down by ``stack``."""
-    sys.path.insert(0, str(REPO / "tests"))  # the process helpers the tests use
-    from procs import RedisServer, WorkerProcess
+    from labctl.shared.testing import RedisServer, WorkerProcess
 
     server = stack.enter_context(RedisServer(workdir / "redis", appendonly=False))
     worker = WorkerProcess(server.url, workdir / "worker.log", name="bench", queues="cpu",
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="labctl-bench-") as tmp:
         url = args.redis_url or private_stack(stack, Path(tmp))
         os.environ["LABCTL_REDIS_URL"] = url
-        from shared.settings import get_settings
+        from labctl.shared.settings import get_settings
 
         get_settings.cache_clear()
         measure(url, 2)  # warm-up: the worker's first job imports the engines

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from bench.docs_page import BENCHMARKS_PAGE, write_section
-from worker.resnet import resnet50
+from labctl.bench.docs_page import BENCHMARKS_PAGE, write_section
+from labctl.worker.resnet import resnet50
 
 DOC = BENCHMARKS_PAGE
 SECTION = "resnet"

@@ -1,7 +1,7 @@
 """``labctl bench``: the lab's speed comparison, NumPy vs PyTorch, plus ResNet50 throughput.
 
-The measuring is done by the benchmark modules (``bench.numpy_vs_torch``,
-``bench.resnet_throughput``); this command runs them at one size, adds CUDA when present,
+The measuring is done by the benchmark modules (``labctl.bench.numpy_vs_torch``,
+``labctl.bench.resnet_throughput``); this command runs them at one size, adds CUDA when present,
 and prints one table with the speed ratios.
 """
 
@@ -11,27 +11,27 @@ import json
 
 import click
 
-from cli.errors import LabctlError
+from labctl.cli.errors import LabctlError
 
 
 def measure(quick: bool):
-    from cli.analysis.benchmarks import run_benchmarks
+    from labctl.cli.analysis.benchmarks import run_benchmarks
 
     try:
         return run_benchmarks(quick=quick)
     except ModuleNotFoundError as exc:
-        if exc.name != "bench" and not str(exc.name).startswith("bench."):
+        if exc.name != "labctl.bench" and not str(exc.name).startswith("labctl.bench."):
             raise
         # An editable install made before bench/ existed does not map it.
-        raise LabctlError("the benchmark package 'bench' is not importable; reinstall "
+        raise LabctlError("the benchmark package 'labctl.bench' is not importable; reinstall "
                           "labctl (pip install -e .) from the repository") from None
 
 
 def measure_markdown(quick: bool = True) -> str:
     """The table as Markdown, for ``labctl report --bench``."""
-    from cli.analysis.benchmarks import HEADER, table_rows
-    from cli.analysis.environment import cpu_model, usable_cpus
-    from cli.analysis.tables import render_markdown
+    from labctl.cli.analysis.benchmarks import HEADER, table_rows
+    from labctl.cli.analysis.environment import cpu_model, usable_cpus
+    from labctl.cli.analysis.tables import render_markdown
 
     rows = measure(quick)
     return (render_markdown(HEADER, table_rows(rows))
@@ -52,9 +52,9 @@ def bench(quick: bool, as_json: bool) -> None:
     CUDA when present), and of our ResNet50 against torchvision's; print a table of
     ms/step, images/s and speed ratios.
     """
-    from cli.analysis.benchmarks import HEADER, table_rows
-    from cli.analysis.environment import environment
-    from cli.analysis.tables import render_text
+    from labctl.cli.analysis.benchmarks import HEADER, table_rows
+    from labctl.cli.analysis.environment import environment
+    from labctl.cli.analysis.tables import render_text
 
     env = environment()
     click.echo(f"labctl: benchmarking on {env['cpu']} ({env['cpus']} cores), "

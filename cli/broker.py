@@ -12,10 +12,10 @@ from typing import Any
 
 import redis
 
-from cli.errors import EXIT_USAGE, BadSpec, BrokerUnavailable, LabctlError, NotFound
-from shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
-from shared.records import JobRecords, connect
-from shared.settings import get_settings, redact_url, url_host
+from labctl.cli.errors import EXIT_USAGE, BadSpec, BrokerUnavailable, LabctlError, NotFound
+from labctl.shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
+from labctl.shared.records import JobRecords, connect
+from labctl.shared.settings import get_settings, redact_url, url_host
 
 #: Seconds the CLI waits for Redis before saying it is unreachable.
 CLI_TIMEOUT = 2.0
@@ -86,7 +86,7 @@ def submit_or_exit(spec, records: JobRecords) -> str:
     refusal exits 1, each with one line."""
     from kombu.exceptions import OperationalError
 
-    from shared.queue import SubmitError, submit_job
+    from labctl.shared.queue import SubmitError, submit_job
 
     try:
         with broker_errors():

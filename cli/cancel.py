@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from cli.broker import broker_errors, checked_job_id, open_records
-from cli.errors import NotFound
+from labctl.cli.broker import broker_errors, checked_job_id, open_records
+from labctl.cli.errors import NotFound
 
 
 @click.command("cancel")

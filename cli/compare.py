@@ -6,16 +6,16 @@ import json
 
 import click
 
-from cli.errors import BadSpec, LabctlError, NotFound
-from cli.run import artifacts_dir_option
-from shared.settings import get_settings
+from labctl.cli.errors import BadSpec, LabctlError, NotFound
+from labctl.cli.run import artifacts_dir_option
+from labctl.shared.settings import get_settings
 
 
 def load_analysis(refs: tuple[str, ...], artifacts_dir: str | None, by: str):
     """The shared front half of compare and report, with CLI errors and exit codes."""
-    from cli.analysis.grouping import BadField
-    from cli.analysis.pipeline import NothingToCompare, analyse
-    from cli.analysis.runs import RunNotFound
+    from labctl.cli.analysis.grouping import BadField
+    from labctl.cli.analysis.pipeline import NothingToCompare, analyse
+    from labctl.cli.analysis.runs import RunNotFound
 
     root = artifacts_dir or get_settings().artifacts_dir
     try:
@@ -46,12 +46,12 @@ def compare(refs: tuple[str, ...], artifacts_dir: str | None, by: str, output: s
     time per epoch and throughput; mean ± std across seeds; and a paired significance test
     (runs matched by seed) of the difference between the compared groups.
     """
-    from cli.analysis.stats import describe_test
-    from cli.analysis.tables import comparison_rows, render_text
+    from labctl.cli.analysis.stats import describe_test
+    from labctl.cli.analysis.tables import comparison_rows, render_text
 
     analysis = load_analysis(refs, artifacts_dir, by)
     if output:
-        from cli.analysis.plotting import plot_curves
+        from labctl.cli.analysis.plotting import plot_curves
 
         try:
             plot_curves(analysis.blocks, ["loss", "accuracy", "f1"], output)

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from shared.artifacts import ArtifactStore
-from shared.spec import JobSpec
-from worker.runner import Reporter, RunOutcome, epoch_line, run_job
+from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.spec import JobSpec
+from labctl.worker.runner import Reporter, RunOutcome, epoch_line, run_job
 
 
 class CtrlC:
@@ -97,7 +97,7 @@ class TerminalReporter(Reporter):
 def quiet_crash_tracebacks() -> None:
     """A crashed job ends in one line on the terminal (the outcome); its traceback stays in
     the job's log.txt. Workers keep logging tracebacks through Celery's handlers."""
-    logging.getLogger("worker.runner").setLevel(logging.CRITICAL)
+    logging.getLogger("labctl.worker.runner").setLevel(logging.CRITICAL)
 
 
 def run_in_foreground(spec: JobSpec, job_id: str, store: ArtifactStore) -> RunOutcome:

@@ -8,11 +8,11 @@ from collections.abc import Callable
 
 import click
 
-from cli.broker import broker_errors, checked_job_id, open_records_unless_local
-from cli.errors import BrokerUnavailable, NotFound
-from shared.artifacts import ArtifactStore
-from shared.records import TERMINAL_STATES, JobRecords
-from shared.settings import get_settings
+from labctl.cli.broker import broker_errors, checked_job_id, open_records_unless_local
+from labctl.cli.errors import BrokerUnavailable, NotFound
+from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.records import TERMINAL_STATES, JobRecords
+from labctl.shared.settings import get_settings
 
 #: How often --follow / --wait ask Redis; a few cheap reads a second.
 POLL_SECONDS = 0.25

@@ -7,24 +7,24 @@ import sys
 
 import click
 
-from cli.errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_USAGE
-from shared.settings import SettingsError
+from labctl.cli.errors import EXIT_CODES, EXIT_INTERRUPTED, EXIT_USAGE
+from labctl.shared.settings import SettingsError
 
 # (module, attribute) of every top-level command, in --help order.
 COMMANDS = [
-    ("cli.run", "run"),
-    ("cli.spec_cmd", "validate"),
-    ("cli.spec_cmd", "spec_group"),
-    ("cli.sweep", "sweep"),
-    ("cli.compare", "compare"),
-    ("cli.report", "report"),
-    ("cli.bench_cmd", "bench"),
-    ("cli.submit", "submit"),
-    ("cli.status", "status"),
-    ("cli.list_cmd", "list_jobs"),
-    ("cli.logs", "logs"),
-    ("cli.cancel", "cancel"),
-    ("cli.worker_cmd", "worker"),
+    ("labctl.cli.run", "run"),
+    ("labctl.cli.spec_cmd", "validate"),
+    ("labctl.cli.spec_cmd", "spec_group"),
+    ("labctl.cli.sweep", "sweep"),
+    ("labctl.cli.compare", "compare"),
+    ("labctl.cli.report", "report"),
+    ("labctl.cli.bench_cmd", "bench"),
+    ("labctl.cli.submit", "submit"),
+    ("labctl.cli.status", "status"),
+    ("labctl.cli.list_cmd", "list_jobs"),
+    ("labctl.cli.logs", "logs"),
+    ("labctl.cli.cancel", "cancel"),
+    ("labctl.cli.worker_cmd", "worker"),
 ]
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())

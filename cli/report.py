@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from cli.compare import load_analysis
-from cli.errors import BadSpec
-from cli.run import artifacts_dir_option
+from labctl.cli.compare import load_analysis
+from labctl.cli.errors import BadSpec
+from labctl.cli.run import artifacts_dir_option
 
 DEFAULT_BENCHMARKS = "docs/benchmarks.md"
 
@@ -33,9 +33,9 @@ def report(refs: tuple[str, ...], out_dir: str, artifacts_dir: str | None, by: s
     comparison table and significance test with a plain-language conclusion, the speed
     table, the best run's confusion matrix, the environment and how to reproduce it.
     """
-    from cli.analysis.environment import environment
-    from cli.analysis.report_writer import ReportInputs, write_report
-    from cli.analysis.speed import benchmark_sections
+    from labctl.cli.analysis.environment import environment
+    from labctl.cli.analysis.report_writer import ReportInputs, write_report
+    from labctl.cli.analysis.speed import benchmark_sections
 
     analysis = load_analysis(refs, artifacts_dir, by)
     inputs = ReportInputs(analysis=analysis, refs=list(refs), environment=environment(),
@@ -43,7 +43,7 @@ def report(refs: tuple[str, ...], out_dir: str, artifacts_dir: str | None, by: s
     inputs.benchmarks_md = benchmark_sections(Path(benchmarks_file))
     inputs.benchmarks_source = benchmarks_file
     if measure:
-        from cli.bench_cmd import measure_markdown
+        from labctl.cli.bench_cmd import measure_markdown
 
         click.echo("labctl: measuring benchmarks (--bench) ...", err=True)
         inputs.measured_md = measure_markdown(quick=True)

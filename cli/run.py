@@ -9,19 +9,19 @@ from pathlib import Path
 
 import click
 
-from cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
-from cli.foreground import run_in_foreground
-from cli.spec_options import spec_options, to_spec
-from shared.artifacts import (
+from labctl.cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
+from labctl.cli.foreground import run_in_foreground
+from labctl.cli.spec_options import spec_options, to_spec
+from labctl.shared.artifacts import (
     ArtifactStore,
     InvalidJobId,
     JobFolder,
     mkstemp_like_open,
     new_job_id,
 )
-from shared.settings import get_settings
-from shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
-from worker.runner import KeyboardInterruptWithOutcome
+from labctl.shared.settings import get_settings
+from labctl.shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
+from labctl.worker.runner import KeyboardInterruptWithOutcome
 
 
 def artifacts_dir_option(fn):
@@ -37,7 +37,7 @@ def checked_for_this_host(spec: JobSpec) -> JobSpec:
     try:
         check_runtime(spec)
         if spec.model == "numpy-cnn":
-            from worker.numpy_cnn.parallel import num_threads
+            from labctl.worker.numpy_cnn.parallel import num_threads
 
             num_threads()  # LABCTL_NUMPY_THREADS, read where the job runs: this process
     except (SpecError, ValueError) as exc:

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from cli.spec_options import load_file_or_fail, spec_options, to_spec
-from shared.spec import spec_schema
+from labctl.cli.spec_options import load_file_or_fail, spec_options, to_spec
+from labctl.shared.spec import spec_schema
 
 
 @click.group("spec")

@@ -13,8 +13,8 @@ from typing import Any
 
 import click
 
-from cli.errors import BadSpec
-from shared.spec import JobSpec, SpecError, build_spec, load_spec_file
+from labctl.cli.errors import BadSpec
+from labctl.shared.spec import JobSpec, SpecError, build_spec, load_spec_file
 
 # (flag declarations, spec field, help). Non-boolean flags take text; pydantic parses it.
 VALUE_FLAGS: list[tuple[tuple[str, ...], str, str]] = [

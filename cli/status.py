@@ -7,10 +7,10 @@ from typing import Any
 
 import click
 
-from cli.broker import broker_errors, checked_job_id, open_records_unless_local
-from cli.errors import NotFound
-from shared.artifacts import ArtifactStore
-from shared.settings import get_settings
+from labctl.cli.broker import broker_errors, checked_job_id, open_records_unless_local
+from labctl.cli.errors import NotFound
+from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.settings import get_settings
 
 #: Always present in --json output, even before the worker filled them in.
 REQUIRED_KEYS = ("id", "state", "epoch", "epochs", "metrics", "error", "artifacts")

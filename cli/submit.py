@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from cli.broker import get_record, open_records, submit_or_exit
-from cli.errors import EXIT_INTERRUPTED, JobFailed
-from cli.logs import follow_log
-from cli.spec_options import spec_options, to_spec
+from labctl.cli.broker import get_record, open_records, submit_or_exit
+from labctl.cli.errors import EXIT_INTERRUPTED, JobFailed
+from labctl.cli.logs import follow_log
+from labctl.cli.spec_options import spec_options, to_spec
 
 
 @click.command("submit")

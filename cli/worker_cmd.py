@@ -19,8 +19,8 @@ import time
 
 import click
 
-from cli.errors import BadSpec
-from shared.settings import get_settings
+from labctl.cli.errors import BadSpec
+from labctl.shared.settings import get_settings
 
 QUEUE_NAMES = ("cpu", "gpu")
 #: A child that dies sooner than this after starting is broken, not unlucky: don't loop.
@@ -84,7 +84,7 @@ def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
     if metrics_port is not None:
         os.environ["LABCTL_METRICS_PORT"] = str(metrics_port)
         get_settings.cache_clear()
-    from worker.app import app
+    from labctl.worker.app import app
 
     try:
         app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues,
@@ -111,7 +111,7 @@ def child_name(hostname: str, index: int) -> str:
 
 def child_command(queues: str, metrics_port: int | None, loglevel: str, hostname: str,
                   index: int) -> list[str]:
-    command = [sys.executable, "-m", "cli.main", "worker", "--queues", queues,
+    command = [sys.executable, "-m", "labctl.cli.main", "worker", "--queues", queues,
                "--concurrency", "1", "--loglevel", loglevel,
                "--hostname", child_name(hostname, index)]
     if metrics_port is not None:

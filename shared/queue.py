@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.artifacts import new_job_id, validate_job_id
-from shared.records import JobRecords, connect
-from shared.settings import get_settings
-from shared.spec import JobSpec
+from labctl.shared.artifacts import new_job_id, validate_job_id
+from labctl.shared.records import JobRecords, connect
+from labctl.shared.settings import get_settings
+from labctl.shared.spec import JobSpec
 
 
 class SubmitError(RuntimeError):
@@ -55,7 +55,7 @@ _apps: dict[str, Any] = {}
 def celery_app() -> Any:
     """The Celery app for the current ``LABCTL_REDIS_URL``: ``worker.app.app`` unless the
     settings changed since it was built (tests, or a program talking to several stacks)."""
-    from worker.app import app, make_app
+    from labctl.worker.app import app, make_app
 
     url = get_settings().redis_url
     if app.conf.broker_url == url:
@@ -68,7 +68,7 @@ def celery_app() -> Any:
 def enqueue(job_id: str, spec: dict[str, Any], *, attempt: int, queue: str,
             app: Any = None) -> None:
     """Send the Celery message for ``attempt`` of a job whose record is already queued."""
-    from worker.app import TASK_NAME
+    from labctl.worker.app import TASK_NAME
 
     app = app or celery_app()
     app.send_task(TASK_NAME, args=[job_id, spec, attempt], queue=queue,

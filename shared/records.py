@@ -31,8 +31,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from shared.artifacts import validate_job_id
-from shared.spec import JobSpec
+from labctl.shared.artifacts import validate_job_id
+from labctl.shared.spec import JobSpec
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")

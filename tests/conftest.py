@@ -1,4 +1,4 @@
-"""Fixtures shared across the suite. Process helpers live in tests/procs.py.
+"""Fixtures shared across the suite. Process helpers live in ``labctl.shared.testing``.
 
 Integration fixtures start a private ``redis-server`` on a free port (never the shared one
 on 6379) and skip the test when ``redis-server`` is not installed.
@@ -9,10 +9,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from procs import RedisServer, redis_server_available
+import os
 
-from shared.settings import get_settings
+import pytest
+
+from labctl.shared.settings import get_settings
+from labctl.shared.testing import RedisServer, redis_server_available
+
+
+@pytest.fixture(autouse=True)
+def _reset_labctl_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Every test starts from no ``LABCTL_*`` variable and no ``.env`` (settings read ``.env``
+    from the working directory, so the test runs in an empty one), like Flask's
+    ``_reset_os_environ``: a developer's own settings can neither break nor pass a test."""
+    for key in [key for key in os.environ if key.startswith("LABCTL_")]:
+        monkeypatch.delenv(key)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 def _start_redis(directory: Path, **options) -> RedisServer:

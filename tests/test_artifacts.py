@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from shared.artifacts import (
+from labctl.shared.artifacts import (
     ArtifactStore,
     InvalidJobId,
     atomic_path,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from labctl.cli.main import cli
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def bench_modules(monkeypatch):
     # An editable install made before bench/ existed does not map it; the checkout does.
     monkeypatch.syspath_prepend(str(REPO))
-    from bench import numpy_vs_torch, resnet_throughput
+    from labctl.bench import numpy_vs_torch, resnet_throughput
 
     return numpy_vs_torch, resnet_throughput
 
@@ -95,7 +95,7 @@ def one_thread(monkeypatch):
 
 def test_real_modules_at_a_tiny_size(bench_modules, one_thread, monkeypatch):
     """The adapters against the modules' real signatures and results (not their speed)."""
-    from cli.analysis.benchmarks import run_benchmarks
+    from labctl.cli.analysis.benchmarks import run_benchmarks
 
     nvt, _ = bench_modules
     monkeypatch.setattr(nvt, "CASES", [nvt.Case("t", 1, 8, 4, 3)])  # a tiny network
@@ -111,7 +111,7 @@ def test_real_modules_at_a_tiny_size(bench_modules, one_thread, monkeypatch):
 def test_report_bench_includes_the_measured_table(fake_timings, tmp_path):
     from test_compare import job_id, make_run
 
-    from cli.analysis.manifest import write_manifest
+    from labctl.cli.analysis.manifest import write_manifest
 
     root = tmp_path / "artifacts"
     for seed in range(2):
@@ -128,7 +128,7 @@ def test_report_bench_includes_the_measured_table(fake_timings, tmp_path):
 
 
 def test_missing_bench_package_is_one_line(monkeypatch):
-    monkeypatch.setitem(sys.modules, "bench", None)
+    monkeypatch.setitem(sys.modules, "labctl.bench", None)
     result = runner.invoke(cli, ["bench", "--quick"], catch_exceptions=False)
     assert result.exit_code == 1
     assert "pip install -e ." in result.stderr and "Traceback" not in result.output

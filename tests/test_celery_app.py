@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.app import TASK_NAME, make_app
+from labctl.worker.app import TASK_NAME, make_app
 
 
 def test_json_only_one_message_at_a_time_acked_after_the_job_on_the_solo_pool():

@@ -11,12 +11,12 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from procs import free_port
 
-from cli.main import cli
-from shared.artifacts import ArtifactStore, new_job_id
-from shared.records import JobRecords
-from shared.spec import build_spec
+from labctl.cli.main import cli
+from labctl.shared.artifacts import ArtifactStore, new_job_id
+from labctl.shared.records import JobRecords
+from labctl.shared.spec import build_spec
+from labctl.shared.testing import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +118,7 @@ def test_a_database_number_out_of_range_exits_2(redis_server, labctl_env):
 
 
 def test_wrong_password_exits_69(tmp_path, labctl_env):
-    from procs import RedisServer
+    from labctl.shared.testing import RedisServer
 
     with RedisServer(tmp_path / "pw", password="right-pw") as server:
         labctl_env(redis_url=f"redis://:wrong-pw@127.0.0.1:{server.port}/0")

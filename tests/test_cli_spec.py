@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli.main import cli
-from shared.spec import JobSpec
+from labctl.cli.main import cli
+from labctl.shared.spec import JobSpec
 
 runner = CliRunner()
 
@@ -137,7 +137,7 @@ def test_binary_spec_file_exits_2(tmp_path):
 
 
 def test_ctrl_c_in_any_command_exits_130(monkeypatch, capsys):
-    import cli.main as entry
+    import labctl.cli.main as entry
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -150,7 +150,7 @@ def test_ctrl_c_in_any_command_exits_130(monkeypatch, capsys):
 
 
 def test_entry_point_keeps_click_exit_codes(monkeypatch, capsys):
-    import cli.main as entry
+    import labctl.cli.main as entry
 
     for argv, code in ((["labctl", "--version"], 0), (["labctl", "run", "--bogus"], 2),
                        (["labctl", "spec", "show", "--epochs", "0"], 2)):

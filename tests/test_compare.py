@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from cli.analysis.manifest import write_manifest
-from cli.analysis.stats import epochs_to_fraction
-from cli.analysis.tables import format_seeds
-from cli.main import cli
-from shared.artifacts import ArtifactStore, write_json
+from labctl.cli.analysis.manifest import write_manifest
+from labctl.cli.analysis.stats import epochs_to_fraction
+from labctl.cli.analysis.tables import format_seeds
+from labctl.cli.main import cli
+from labctl.shared.artifacts import ArtifactStore, write_json
 
 runner = CliRunner()
 
@@ -309,8 +309,8 @@ def test_png_of_overlaid_curves(optimizer_sweep, tmp_path):
 
 
 def test_plain_language_conclusion(optimizer_sweep, tmp_path):
-    from cli.analysis.conclusions import block_conclusion
-    from cli.analysis.pipeline import analyse
+    from labctl.cli.analysis.conclusions import block_conclusion
+    from labctl.cli.analysis.pipeline import analyse
 
     analysis = analyse(["sw-test"], optimizer_sweep)
     text = block_conclusion(analysis.blocks[0], analysis.tests[0])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.spec import build_spec
-from worker.data import ArrayDataset, TorchDatasets, build_torch_datasets, load_arrays
-from worker.data.subset import subset_indices
+from labctl.shared.spec import build_spec
+from labctl.worker.data import ArrayDataset, TorchDatasets, build_torch_datasets, load_arrays
+from labctl.worker.data.subset import subset_indices
 
 
 def spec(**kw):
@@ -114,7 +114,7 @@ def test_torch_digits_labels_match_arrays():
 def test_resize_images_matches_pil_bilinear(h, size):
     from PIL import Image
 
-    from worker.data.arrays import resize_images
+    from labctl.worker.data.arrays import resize_images
 
     x = np.random.default_rng(0).random((2, 3, h, h), dtype=np.float32)
     ours = resize_images(x, size)

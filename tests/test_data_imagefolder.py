@@ -9,9 +9,9 @@ import pytest
 import torch
 from datasets_factory import car_colour, make_mini_imagefolder
 
-from shared.spec import build_spec
-from worker.data import build_torch_datasets, load_arrays
-from worker.engine import DataError
+from labctl.shared.spec import build_spec
+from labctl.worker.data import build_torch_datasets, load_arrays
+from labctl.worker.engine import DataError
 
 
 def spec(root, **kw):

@@ -9,9 +9,9 @@ import pytest
 from datasets_factory import write_jpeg
 from PIL import Image
 
-from worker.data.cache import DecodedImages, decode_images, resize_short_side
-from worker.data.samples import ImageSamples, crop_box, open_rgb
-from worker.engine import DataError
+from labctl.worker.data.cache import DecodedImages, decode_images, resize_short_side
+from labctl.worker.data.samples import ImageSamples, crop_box, open_rgb
+from labctl.worker.engine import DataError
 
 RED, GREY = (220, 30, 30), (128, 128, 128)
 

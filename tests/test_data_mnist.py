@@ -9,10 +9,10 @@ import pytest
 import torch
 from datasets_factory import make_mini_mnist, mnist_images, write_idx
 
-from shared.spec import build_spec
-from worker.data import build_torch_datasets, load_arrays
-from worker.data.mnist import MNIST_MEAN, MNIST_STD
-from worker.engine import DataError
+from labctl.shared.spec import build_spec
+from labctl.worker.data import build_torch_datasets, load_arrays
+from labctl.worker.data.mnist import MNIST_MEAN, MNIST_STD
+from labctl.worker.engine import DataError
 
 
 def spec(root, **kw):

@@ -17,10 +17,10 @@ from datasets_factory import (
     make_mini_stanford_cars,
 )
 
-from shared.spec import build_spec
-from worker.data import build_torch_datasets, load_arrays
-from worker.data.stanford_cars import read_stanford_cars, resolve_stanford_cars
-from worker.engine import DataError
+from labctl.shared.spec import build_spec
+from labctl.worker.data import build_torch_datasets, load_arrays
+from labctl.worker.data.stanford_cars import read_stanford_cars, resolve_stanford_cars
+from labctl.worker.engine import DataError
 
 
 def spec(root, **kw):

@@ -25,7 +25,7 @@ from dashboards import (
     substitute,
 )
 
-from shared.settings import Settings
+from labctl.shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -185,13 +185,13 @@ def test_redis_persists_requires_a_password_and_is_health_checked(compose):
 
 @needs_compose
 def test_workers_consume_the_queues_the_app_routes_to(compose):
-    from worker.app import QUEUES, make_app
+    from labctl.worker.app import QUEUES, make_app
 
     assert worker_queues(compose["services"]["worker-gpu"]) == {"gpu"}
     assert worker_queues(compose["services"]["worker-cpu"]) == {"cpu"}
     declared = {q.name for q in make_app().conf.task_queues}
     assert declared == set(QUEUES) == {"cpu", "gpu"}
-    from shared.metrics import QUEUES as METRIC_QUEUES
+    from labctl.shared.metrics import QUEUES as METRIC_QUEUES
 
     assert set(METRIC_QUEUES) == set(QUEUES)  # queue depth covers every queue
 
@@ -300,7 +300,7 @@ def exported_metric_names() -> set[str]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from shared import metrics as m
+    from labctl.shared import metrics as m
 
     names = {s.name for f in text_string_to_metric_families(generate_latest(m.REGISTRY).decode())
              for s in f.samples}
@@ -511,7 +511,7 @@ def test_gpu_entrypoint_is_a_no_op_without_gpus_or_lock_folder(tmp_path):
 
 @needs_compose
 def test_worker_commands_parse_with_the_real_cli(compose):
-    from cli.worker_cmd import worker
+    from labctl.cli.worker_cmd import worker
 
     for name in WORKERS:
         command = compose["services"][name]["command"]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
 from sklearn.metrics import confusion_matrix as sk_confusion
 
-from worker.evaluation import (
+from labctl.worker.evaluation import (
     accuracy,
     confusion_matrix,
     f1_macro,

@@ -8,11 +8,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
-from shared.artifacts import ArtifactStore, new_job_id
-from shared.spec import SpecError, build_spec, check_runtime
-from worker import runner as runner_module
-from worker.runner import run_job
+from labctl.cli.main import cli
+from labctl.shared.artifacts import ArtifactStore, new_job_id
+from labctl.shared.spec import SpecError, build_spec, check_runtime
+from labctl.worker import runner as runner_module
+from labctl.worker.runner import run_job
 
 TINY = {"model": "numpy-cnn", "dataset": "digits", "epochs": 3, "limit_train": 200,
         "limit_test": 60, "batch_size": 50}
@@ -91,7 +91,7 @@ def test_resume_with_a_corrupt_spec_exits_2(tmp_path):
 def test_malformed_redis_url_exits_2_without_echoing_it(tmp_path):
     env = {"LABCTL_REDIS_URL": "redis://:S3CRET@127.0.0.1:63x79/0",
            "LABCTL_ARTIFACTS_DIR": str(tmp_path)}
-    from shared.settings import get_settings
+    from labctl.shared.settings import get_settings
 
     get_settings.cache_clear()
     try:
@@ -103,9 +103,8 @@ def test_malformed_redis_url_exits_2_without_echoing_it(tmp_path):
 
 
 def test_local_job_is_readable_while_redis_is_down(tmp_path):
-    from procs import free_port
-
-    from shared.settings import get_settings
+    from labctl.shared.settings import get_settings
+    from labctl.shared.testing import free_port
 
     ran = invoke("run", "--model", "numpy-cnn", "--dataset", "digits", "--epochs", "1",
                  "--limit-train", "100", "--artifacts-dir", str(tmp_path), "--json")
@@ -172,8 +171,8 @@ def test_an_error_from_a_dataloader_worker_is_reported_as_its_cause():
     # torch re-raises a worker's exception with the worker's whole traceback as its message.
     from torch._utils import ExceptionWrapper
 
-    from worker.engine import DataError
-    from worker.runner import one_line
+    from labctl.worker.engine import DataError
+    from labctl.worker.runner import one_line
 
     try:
         raise DataError("cannot decode image 00001.jpg at /data/cars_test")
@@ -220,8 +219,8 @@ def test_a_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys, variable, val
                                               command):
     # Through the console script's main(): that is where every command's settings error
     # lands, whichever command first reads them (list used to blame LABCTL_REDIS_URL).
-    from cli.main import main
-    from shared.settings import get_settings
+    from labctl.cli.main import main
+    from labctl.shared.settings import get_settings
 
     monkeypatch.setenv(variable, value)
     monkeypatch.setattr("sys.argv", ["labctl", *command])
@@ -242,7 +241,7 @@ def test_a_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys, variable, val
     (["bogus"], "labctl: No such command 'bogus'"),
 ])
 def test_usage_errors_are_one_line_from_the_console_script(monkeypatch, capsys, argv, start):
-    from cli.main import main
+    from labctl.cli.main import main
 
     monkeypatch.setattr("sys.argv", ["labctl", *argv])
     with pytest.raises(SystemExit) as exited:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from cli.foreground import CtrlC, TerminalReporter
+from labctl.cli.foreground import CtrlC, TerminalReporter
 
 
 def test_first_press_stops_at_the_next_batch_second_press_at_once():
@@ -88,11 +88,11 @@ def test_ctrl_c_while_the_commands_import_exits_130_in_one_line():
         "import sys\n"
         "class Cut:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'cli.main':\n"
+        "        if name == 'labctl.cli.main':\n"
         "            raise KeyboardInterrupt\n"
         "sys.meta_path.insert(0, Cut())\n"
-        "import cli\n"
-        "cli.main()\n")
+        "import labctl.cli\n"
+        "labctl.cli.main()\n")
     done = subprocess.run([sys.executable, "-c", interrupt_import], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 130

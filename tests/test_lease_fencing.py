@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from shared.artifacts import ArtifactStore, new_job_id
-from shared.records import JobRecords, lease_key
-from shared.spec import build_spec
-from worker.queue_reporter import JobReleased, QueueReporter
-from worker.reaper import Heartbeat
-from worker.runner import Reporter, run_job
+from labctl.shared.artifacts import ArtifactStore, new_job_id
+from labctl.shared.records import JobRecords, lease_key
+from labctl.shared.spec import build_spec
+from labctl.worker.queue_reporter import JobReleased, QueueReporter
+from labctl.worker.reaper import Heartbeat
+from labctl.worker.runner import Reporter, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ def test_a_stale_attempt_cannot_write_the_end(tmp_path):
 def test_a_resumed_attempt_backfills_the_epoch_line_its_predecessor_never_logged(
         redis_server):
     # Killed between epoch 2's checkpoint and its log line: the resume starts after epoch 2.
-    from worker.runner import epoch_line
+    from labctl.worker.runner import epoch_line
 
     records = JobRecords.from_url(redis_server.url)
     job_id = new_job_id()

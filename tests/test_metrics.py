@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import metrics as m
-from shared.spec import build_spec
-from worker.metrics_reporter import MetricsReporter
+from labctl.shared import metrics as m
+from labctl.shared.spec import build_spec
+from labctl.worker.metrics_reporter import MetricsReporter
 
 SPEC = build_spec({"model": "numpy-cnn", "optimizer": "adamax", "dataset": "digits",
                    "epochs": 3})

@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from shared.spec import build_spec
-from worker.data.types import ArrayDataset, ArraySplit
-from worker.engine import DataError, JobCancelled, TrainingDiverged
-from worker.numpy_cnn import Sequential, build_default_cnn
-from worker.numpy_engine import NumpyEngine
-from worker.schedule import lr_factor
+from labctl.shared.spec import build_spec
+from labctl.worker.data.types import ArrayDataset, ArraySplit
+from labctl.worker.engine import DataError, JobCancelled, TrainingDiverged
+from labctl.worker.numpy_cnn import Sequential, build_default_cnn
+from labctl.worker.numpy_engine import NumpyEngine
+from labctl.worker.schedule import lr_factor
 
 
 def toy_dataset(classes: int = 3, train: int = 90, test: int = 30, size: int = 8,

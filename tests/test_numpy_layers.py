@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from worker.numpy_cnn.fused import ConvReLUPool
-from worker.numpy_cnn.layers import Conv2D, Flatten, Linear, MaxPool2D, ReLU, Sigmoid
-from worker.numpy_cnn.losses import softmax_cross_entropy
+from labctl.worker.numpy_cnn.fused import ConvReLUPool
+from labctl.worker.numpy_cnn.layers import Conv2D, Flatten, Linear, MaxPool2D, ReLU, Sigmoid
+from labctl.worker.numpy_cnn.losses import softmax_cross_entropy
 
 
 def distinct_values(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

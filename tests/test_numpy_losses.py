@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.numpy_cnn.losses import softmax_cross_entropy
+from labctl.worker.numpy_cnn.losses import softmax_cross_entropy
 
 
 @pytest.mark.parametrize("labels", [[-1, 0], [0, 3], [7, 1]])

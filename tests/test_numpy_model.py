@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.numpy_cnn import (
+from labctl.worker.numpy_cnn import (
     AdaMax,
     Conv2D,
     Flatten,
@@ -22,8 +22,8 @@ from worker.numpy_cnn import (
     build_default_cnn,
     softmax_cross_entropy,
 )
-from worker.numpy_cnn.fused import CHANNEL_MAJOR_MAX_CHANNELS, ConvReLUPool
-from worker.numpy_cnn.parallel import parallel_map, parallel_matmul, split_evenly
+from labctl.worker.numpy_cnn.fused import CHANNEL_MAJOR_MAX_CHANNELS, ConvReLUPool
+from labctl.worker.numpy_cnn.parallel import parallel_map, parallel_matmul, split_evenly
 
 
 def layer_summary(model: Sequential) -> list[tuple[str, tuple]]:

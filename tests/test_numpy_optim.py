@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.numpy_cnn.layers import Conv2D, Layer, Linear, ReLU
-from worker.numpy_cnn.optim import SLICE, Adam, AdaMax, Optimizer
+from labctl.worker.numpy_cnn.layers import Conv2D, Layer, Linear, ReLU
+from labctl.worker.numpy_cnn.optim import SLICE, Adam, AdaMax, Optimizer
 
 TORCH = {Adam: torch.optim.Adam, AdaMax: torch.optim.Adamax}
 

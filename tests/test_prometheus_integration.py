@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 from dashboards import GRAFANA_VARIABLES, PROMETHEUS_YML, load_dashboard, panels, substitute
-from procs import RedisServer, WorkerProcess, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.artifacts import ArtifactStore
+from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.testing import RedisServer, WorkerProcess, free_port, wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -180,7 +180,7 @@ def submit(redis_url: str, artifacts: Path, cwd: Path, job: dict) -> str:
     env = {"LABCTL_REDIS_URL": redis_url, "LABCTL_ARTIFACTS_DIR": str(artifacts),
            "PATH": "/usr/bin:/bin"}
     # cwd: a temp folder, so no developer .env is read.
-    done = subprocess.run([sys.executable, "-m", "cli.main", "submit", *args], cwd=cwd,
+    done = subprocess.run([sys.executable, "-m", "labctl.cli.main", "submit", *args], cwd=cwd,
                           env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from procs import RedisServer, WorkerProcess, stop_all, wait_for
 
-from shared.artifacts import ArtifactStore
-from shared.queue import submit_job
-from shared.records import TERMINAL_STATES, JobRecords
-from shared.spec import build_spec
-from worker.app import make_app
+from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.queue import submit_job
+from labctl.shared.records import TERMINAL_STATES, JobRecords
+from labctl.shared.spec import build_spec
+from labctl.shared.testing import RedisServer, WorkerProcess, stop_all, wait_for
+from labctl.worker.app import make_app
 
 pytestmark = pytest.mark.integration
 

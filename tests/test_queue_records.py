@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from shared.artifacts import new_job_id
-from shared.queue import route_for
-from shared.records import RUNNING_KEY, JobRecords, lease_key
-from shared.spec import build_spec
+from labctl.shared.artifacts import new_job_id
+from labctl.shared.queue import route_for
+from labctl.shared.records import RUNNING_KEY, JobRecords, lease_key
+from labctl.shared.spec import build_spec
 
 pytestmark = pytest.mark.integration
 
@@ -172,8 +172,8 @@ def test_log_lines_append_in_order(records):
 
 def test_the_reaper_writes_the_end_it_decides_into_the_folder(records, labctl_env, tmp_path):
     # The dead worker never wrote it: without this, status.json says "running" forever.
-    from shared.artifacts import ArtifactStore
-    from worker.reaper import Reaper
+    from labctl.shared.artifacts import ArtifactStore
+    from labctl.worker.reaper import Reaper
 
     labctl_env(artifacts_dir=tmp_path / "art")
     job_id = queued(records)
@@ -189,7 +189,7 @@ def test_the_reaper_writes_the_end_it_decides_into_the_folder(records, labctl_en
 
 
 def test_mirror_end_never_overrides_an_end_the_folder_recorded(tmp_path):
-    from shared.artifacts import ArtifactStore
+    from labctl.shared.artifacts import ArtifactStore
 
     store = ArtifactStore(tmp_path)
     done = store.job(new_job_id()).create()

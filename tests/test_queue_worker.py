@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from procs import RedisServer, WorkerProcess, stop_all, wait_for
 
-from cli.main import cli
-from shared.artifacts import ArtifactStore, JobFolder, new_job_id, write_json
-from shared.queue import enqueue, submit_job
-from shared.records import TERMINAL_STATES, JobRecords
-from shared.spec import build_spec
-from worker.app import make_app
+from labctl.cli.main import cli
+from labctl.shared.artifacts import ArtifactStore, JobFolder, new_job_id, write_json
+from labctl.shared.queue import enqueue, submit_job
+from labctl.shared.records import TERMINAL_STATES, JobRecords
+from labctl.shared.spec import build_spec
+from labctl.shared.testing import RedisServer, WorkerProcess, stop_all, wait_for
+from labctl.worker.app import make_app
 
 pytestmark = pytest.mark.integration
 
@@ -314,7 +314,7 @@ def test_plain_celery_worker_uses_the_solo_pool_and_runs_jobs(stack, tmp_path):
            "LABCTL_ARTIFACTS_DIR": str(stack.artifacts), "LABCTL_DATA_DIR": str(stack.data)}
     with open(log, "wb") as out:
         celery = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "gpu",
+            [sys.executable, "-m", "celery", "-A", "labctl.worker.app", "worker", "-Q", "gpu",
              "-n", "plain@%h", "--loglevel", "info"],
             cwd=Path(__file__).resolve().parents[1], env=env, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True)

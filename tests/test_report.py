@@ -7,7 +7,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from labctl.cli.main import cli
 
 runner = CliRunner()
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from worker.engine import DataError
-from worker.resnet import Bottleneck, load_init_weights, resnet50
+from labctl.worker.engine import DataError
+from labctl.worker.resnet import Bottleneck, load_init_weights, resnet50
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

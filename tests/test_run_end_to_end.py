@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.main import cli
-from shared.artifacts import ArtifactStore
+from labctl.cli.main import cli
+from labctl.shared.artifacts import ArtifactStore
 
 METRIC_KEYS = {"epoch", "train_loss", "test_loss", "test_accuracy", "test_f1_macro",
                "epoch_seconds", "images_per_second", "lr"}
@@ -108,7 +108,7 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence_too(tmp_path):
 
 
 def test_divergence_threshold_is_relative_to_chance():
-    from worker.engine import TrainingDiverged, check_not_diverged
+    from labctl.worker.engine import TrainingDiverged, check_not_diverged
 
     check_not_diverged(2.3, 10, 1)  # a random guess: fine
     check_not_diverged(229.0, 10, 1)  # bad, but not yet 100x ln(10)

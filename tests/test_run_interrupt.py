@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.artifacts import ArtifactStore
+from labctl.shared.artifacts import ArtifactStore
 
 
 def wait_for_first_epoch(root: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
@@ -24,7 +24,7 @@ def wait_for_first_epoch(root: Path, proc: subprocess.Popen, timeout: float = 12
 
 
 def test_ctrl_c_marks_cancelled_keeps_checkpoint_and_resumes(tmp_path):
-    command = [sys.executable, "-m", "cli.main", "run", "--model", "numpy-cnn",
+    command = [sys.executable, "-m", "labctl.cli.main", "run", "--model", "numpy-cnn",
                "--dataset", "digits", "--epochs", "500", "--artifacts-dir", str(tmp_path)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = wait_for_first_epoch(tmp_path, proc)
@@ -59,7 +59,7 @@ def test_ctrl_c_marks_cancelled_keeps_checkpoint_and_resumes(tmp_path):
 
 
 def test_sigterm_cancels_too_instead_of_leaving_the_job_running(tmp_path):
-    command = [sys.executable, "-m", "cli.main", "run", "--model", "numpy-cnn",
+    command = [sys.executable, "-m", "labctl.cli.main", "run", "--model", "numpy-cnn",
                "--dataset", "digits", "--epochs", "500", "--artifacts-dir", str(tmp_path)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = wait_for_first_epoch(tmp_path, proc)

@@ -7,7 +7,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from shared.spec import (
+from labctl.shared.spec import (
     DEFAULT_LR,
     JobSpec,
     SpecError,

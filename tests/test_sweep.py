@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.analysis.grid import sweep_command
-from cli.analysis.manifest import read_manifest
-from cli.main import cli
-from cli.sweep import build_grid
-from shared.artifacts import JOB_ID_PATTERN, ArtifactStore
-from shared.records import JobRecords
-from shared.spec import NAME_PATTERN
+from labctl.cli.analysis.grid import sweep_command
+from labctl.cli.analysis.manifest import read_manifest
+from labctl.cli.main import cli
+from labctl.cli.sweep import build_grid
+from labctl.shared.artifacts import JOB_ID_PATTERN, ArtifactStore
+from labctl.shared.records import JobRecords
+from labctl.shared.spec import NAME_PATTERN
 
 runner = CliRunner()
 #: Real numpy-cnn jobs that finish in a second or two on digits.
@@ -150,7 +150,7 @@ def test_queue_sweep_submits_every_job_to_redis(redis_server, labctl_env, tmp_pa
 
 
 def test_queue_sweep_without_redis_exits_69(labctl_env):
-    from procs import free_port
+    from labctl.shared.testing import free_port
 
     env = labctl_env(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     result = sweep(*TINY, "--opt", "adam,adamax")
@@ -162,7 +162,7 @@ def test_queue_sweep_without_redis_exits_69(labctl_env):
 @pytest.mark.integration
 def test_queue_sweep_runs_on_a_real_worker_and_compare_reads_its_artefacts(
         redis_server, labctl_env, tmp_path):
-    from procs import WorkerProcess, wait_for
+    from labctl.shared.testing import WorkerProcess, wait_for
 
     env = labctl_env(redis_url=redis_server.url)
     worker = WorkerProcess(redis_server.url, tmp_path / "worker.log", queues="cpu",

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torchvision
 
-from shared.artifacts import ArtifactStore
-from shared.spec import build_spec
-from worker.engine import JobCancelled, TrainingDiverged
-from worker.runner import Reporter, run_job
-from worker.torch_engine import CHECKPOINT_FORMAT, TorchEngine
-from worker.torch_optim import lr_factor
+from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.spec import build_spec
+from labctl.worker.engine import JobCancelled, TrainingDiverged
+from labctl.worker.runner import Reporter, run_job
+from labctl.worker.torch_engine import CHECKPOINT_FORMAT, TorchEngine
+from labctl.worker.torch_optim import lr_factor
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -196,8 +196,8 @@ def test_cuda_fused_adam_and_matching_outputs_with_torchvision():
 
 @pytest.mark.parametrize("size", [8, 32, 33, 63, 64, 65, 96])
 def test_last_feature_map_side_matches_the_model(size):
-    from worker.resnet import resnet50
-    from worker.torch_engine import last_feature_map_side
+    from labctl.worker.resnet import resnet50
+    from labctl.worker.torch_engine import last_feature_map_side
 
     model = resnet50(num_classes=2).eval()
     trunk = torch.nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,

@@ -23,7 +23,7 @@ from celery.exceptions import CPendingDeprecationWarning
 from kombu import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
-from shared.settings import get_settings, redact_url
+from labctl.shared.settings import get_settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ class GuardedRedisTransport(kombu_redis.Transport):
 def make_app(redis_url: str | None = None) -> Celery:
     """The app for ``redis_url`` (default: ``LABCTL_REDIS_URL``)."""
     redis_url = redis_url or get_settings().redis_url
-    app = Celery("labctl", broker=redis_url, backend=redis_url, include=["worker.tasks"])
+    app = Celery("labctl", broker=redis_url, backend=redis_url, include=["labctl.worker.tasks"])
     if urlsplit(redis_url).scheme == "redis":
-        app.conf.broker_transport = "worker.app:GuardedRedisTransport"
+        app.conf.broker_transport = "labctl.worker.app:GuardedRedisTransport"
     app.conf.update(
         # JSON only: a message can never make a worker unpickle attacker-chosen bytes.
         accept_content=["json"], result_accept_content=["json"],
@@ -159,7 +159,7 @@ def _prepare_worker(sender=None, **_kwargs) -> None:
 
 @signals.worker_ready.connect
 def _start_reaper(sender=None, **_kwargs) -> None:
-    from worker.reaper import start_reaper
+    from labctl.worker.reaper import start_reaper
 
     start_reaper(app)
 
@@ -169,7 +169,7 @@ def _hand_back_running_job(sig=None, how=None, exitcode=None, **_kwargs) -> None
     """Warm shutdown (SIGTERM, e.g. ``docker stop``): instead of making the caller wait for
     a job that may take hours, stop it at the next batch and requeue it at once; it resumes
     from its last epoch checkpoint on the next free worker."""
-    from worker.queue_reporter import request_handback
+    from labctl.worker.queue_reporter import request_handback
 
     request_handback(f"worker shutting down ({sig})")
 
@@ -179,7 +179,7 @@ def start_metrics_if_configured(port: int | None, redis_url: str) -> None:
     if port is None:
         return
     try:
-        from shared.metrics import start_metrics_server
+        from labctl.shared.metrics import start_metrics_server
     except ImportError:
         log.warning("metrics port %s requested but shared.metrics is not installed", port)
         return
@@ -193,7 +193,7 @@ def _preload_engines() -> None:
     try:
         import torch  # noqa: F401
 
-        import worker.numpy_engine  # noqa: F401
-        import worker.plots  # noqa: F401  (matplotlib: a second on a small machine)
+        import labctl.worker.numpy_engine  # noqa: F401
+        import labctl.worker.plots  # noqa: F401  (matplotlib: a second on a small machine)
     except Exception:  # a broken import shows up, with its traceback, in the first job
         log.debug("preloading the engines failed", exc_info=True)

@@ -14,9 +14,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from shared import metrics as m
-from shared.spec import JobSpec
-from worker.runner import Reporter
+from labctl.shared import metrics as m
+from labctl.shared.spec import JobSpec
+from labctl.worker.runner import Reporter
 
 # metrics.jsonl column -> running-job gauge.
 ROW_GAUGES = {

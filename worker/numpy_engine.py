@@ -20,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import atomic_path
-from shared.spec import JobSpec
-from worker.engine import BatchCallback, DataError, EvalResult, TrainingDiverged, TrainResult
-from worker.numpy_cnn import Adam, AdaMax, build_default_cnn, softmax_cross_entropy
-from worker.numpy_cnn.losses import log_softmax
-from worker.numpy_cnn.optim import Optimizer
-from worker.schedule import lr_factor
+from labctl.shared.artifacts import atomic_path
+from labctl.shared.spec import JobSpec
+from labctl.worker.engine import BatchCallback, DataError, EvalResult, TrainingDiverged, TrainResult
+from labctl.worker.numpy_cnn import Adam, AdaMax, build_default_cnn, softmax_cross_entropy
+from labctl.worker.numpy_cnn.losses import log_softmax
+from labctl.worker.numpy_cnn.optim import Optimizer
+from labctl.worker.schedule import lr_factor
 
 #: Written into every checkpoint so a foreign or older file fails with a clear message.
 CHECKPOINT_FORMAT = "labctl.numpy-cnn.v1"
@@ -37,7 +37,7 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {"adam": Adam, "adamax": AdaMax}
 
 
 def _load_dataset(spec: JobSpec):
-    from worker.data import load_arrays  # the data package is only needed to run a job
+    from labctl.worker.data import load_arrays  # the data package is only needed to run a job
 
     return load_arrays(spec)
 

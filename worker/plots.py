@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared.artifacts import atomic_path  # noqa: E402
+from labctl.shared.artifacts import atomic_path  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:

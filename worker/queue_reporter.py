@@ -18,11 +18,11 @@ from typing import Any
 
 import redis
 
-from shared.records import JobRecords, now_iso
-from shared.spec import JobSpec
-from worker.engine import JobCancelled
-from worker.reaper import Heartbeat
-from worker.runner import Reporter, epoch_line, outcome_line
+from labctl.shared.records import JobRecords, now_iso
+from labctl.shared.spec import JobSpec
+from labctl.worker.engine import JobCancelled
+from labctl.worker.reaper import Heartbeat
+from labctl.worker.runner import Reporter, epoch_line, outcome_line
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import redis
 
-from shared.artifacts import ArtifactStore
-from shared.records import MAX_WORKER_LOSSES, JobRecords, connect
-from shared.settings import get_settings
+from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.records import MAX_WORKER_LOSSES, JobRecords, connect
+from labctl.shared.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def send_job(app: Any, records: JobRecords, job_id: str, attempt: int) -> None:
     If this process died right here, the record would say queued with no message to run it;
     the window is two consecutive Redis calls (see docs/queue.md).
     """
-    from shared.queue import enqueue
+    from labctl.shared.queue import enqueue
 
     record = records.get(job_id)
     if record is None:

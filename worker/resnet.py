@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from worker.engine import DataError
+from labctl.worker.engine import DataError
 
 #: Bottleneck blocks per stage for the 50-layer network (3 + 4 + 6 + 3 blocks x 3 convs + 2).
 RESNET50_STAGES = (3, 4, 6, 3)

@@ -20,16 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import ArtifactStore, JobFolder, utc_now, write_json
-from shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
-from worker.engine import (
+from labctl.shared.artifacts import ArtifactStore, JobFolder, utc_now, write_json
+from labctl.shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
+from labctl.worker.engine import (
     DataError,
     Engine,
     JobCancelled,
     TrainingDiverged,
     check_not_diverged,
 )
-from worker.evaluation import accuracy, confusion_matrix, f1_macro, per_class_accuracy
+from labctl.worker.evaluation import accuracy, confusion_matrix, f1_macro, per_class_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,10 @@ def build_engine(spec: JobSpec) -> Engine:
     # Imported here: a numpy-cnn job should not pay for importing torch's engine, and the
     # Celery parent process must not touch CUDA before forking.
     if spec.model == "numpy-cnn":
-        from worker.numpy_engine import NumpyEngine
+        from labctl.worker.numpy_engine import NumpyEngine
 
         return NumpyEngine(spec)
-    from worker.torch_engine import TorchEngine
+    from labctl.worker.torch_engine import TorchEngine
 
     return TorchEngine(spec)
 
@@ -298,7 +298,7 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
 
 def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
                            clock: RunClock, fence: Callable[[], None]) -> dict[str, Any]:
-    from worker import plots  # matplotlib import is slow; only finished jobs need it
+    from labctl.worker import plots  # matplotlib import is slow; only finished jobs need it
 
     fence()
     engine.save_weights(folder.path / engine.weights_name)

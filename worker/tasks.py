@@ -16,14 +16,14 @@ from typing import Any
 import redis
 from celery.exceptions import Reject
 
-from shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
-from shared.records import JobRecords, now_iso
-from shared.settings import get_settings
-from shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
-from worker.app import TASK_NAME, app
-from worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter, record_summary
-from worker.reaper import Heartbeat, mirror_record_end, send_job, worker_records
-from worker.runner import Reporter, Reporters, run_job
+from labctl.shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
+from labctl.shared.records import JobRecords, now_iso
+from labctl.shared.settings import get_settings
+from labctl.shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
+from labctl.worker.app import TASK_NAME, app
+from labctl.worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter, record_summary
+from labctl.worker.reaper import Heartbeat, mirror_record_end, send_job, worker_records
+from labctl.worker.runner import Reporter, Reporters, run_job
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def extra_reporters(spec: JobSpec, job_id: str) -> list[Reporter]:
 
     Guarded, so a bug in a metrics exporter is logged and never fails a training job."""
     try:
-        from worker.metrics_reporter import MetricsReporter
+        from labctl.worker.metrics_reporter import MetricsReporter
 
         return [GuardedReporter(MetricsReporter(spec, job_id))]
     except Exception:

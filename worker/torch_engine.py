@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from shared.artifacts import atomic_path
-from shared.spec import JobSpec, SpecError
-from worker.data import build_torch_datasets
-from worker.engine import BatchCallback, DataError, EvalResult, TrainingDiverged, TrainResult
-from worker.resnet import load_init_weights, resnet50
-from worker.torch_optim import apply_schedule, build_optimizer, build_scheduler
+from labctl.shared.artifacts import atomic_path
+from labctl.shared.spec import JobSpec, SpecError
+from labctl.worker.data import build_torch_datasets
+from labctl.worker.engine import BatchCallback, DataError, EvalResult, TrainingDiverged, TrainResult
+from labctl.worker.resnet import load_init_weights, resnet50
+from labctl.worker.torch_optim import apply_schedule, build_optimizer, build_scheduler
 
 #: Written into every checkpoint so a foreign or older file fails with a clear message.
 CHECKPOINT_FORMAT = "labctl.resnet50.v1"

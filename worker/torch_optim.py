@@ -8,8 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from shared.spec import JobSpec
-from worker.schedule import lr_factor
+from labctl.shared.spec import JobSpec
+from labctl.worker.schedule import lr_factor
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,

@@ -47,8 +47,8 @@ def run_benchmarks(quick: bool = False, cuda: bool | None = None,
 
 
 def _cnn_rows(sizes: dict[str, Any], cuda: bool) -> list[BenchRow]:
-    from bench import numpy_vs_torch as nvt
-    from worker.numpy_cnn.parallel import num_threads
+    from labctl.bench import numpy_vs_torch as nvt
+    from labctl.worker.numpy_cnn.parallel import num_threads
 
     threads = num_threads()
     # All threads (wall time), and one thread (its CPU time, which other processes on a
@@ -77,7 +77,7 @@ def _cnn_rows(sizes: dict[str, Any], cuda: bool) -> list[BenchRow]:
 def _resnet_rows(sizes: dict[str, Any], cuda: bool) -> list[BenchRow]:
     import torch
 
-    from bench import resnet_throughput as rt
+    from labctl.bench import resnet_throughput as rt
 
     batch, size = sizes["resnet_batch"], sizes["resnet_size"]
     name = f"ResNet50 3x{size}x{size}, batch {batch}"
@@ -89,7 +89,7 @@ def _resnet_rows(sizes: dict[str, Any], cuda: bool) -> list[BenchRow]:
             _row(name, "torchvision", device, 1000 * batch / result["torchvision"], batch, 1.0,
                  "torchvision")]
     if cuda:
-        from bench import gpu_check
+        from labctl.bench import gpu_check
 
         batch = sizes["cuda_resnet_batch"]
         steps = sizes["cuda_steps"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .grouping import Block
-from .stats import ALPHA, PairedTest, format_p, group_figures
+from labctl.cli.analysis.grouping import Block
+from labctl.cli.analysis.stats import ALPHA, PairedTest, format_p, group_figures
 
 PRETTY = {"adam": "Adam", "adamax": "AdaMax"}
 

@@ -11,7 +11,7 @@ import itertools
 import shlex
 from typing import Any
 
-from shared.spec import JobSpec
+from labctl.shared.spec import JobSpec
 
 MAX_JOBS = 1000
 #: Values that never take a comma list: free text where a comma may be meant literally.
@@ -61,7 +61,7 @@ def combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def sweep_command(manifest: dict[str, Any]) -> str:
     """The ``labctl sweep`` line that reproduces a manifest's grid."""
-    from cli.spec_options import BOOL_FLAGS, VALUE_FLAGS
+    from labctl.cli.spec_options import BOOL_FLAGS, VALUE_FLAGS
 
     value_flag = {field: decls[0] for decls, field, _ in VALUE_FLAGS}
     bool_flag = {field: decl.split("/") for decl, field, _ in BOOL_FLAGS}

@@ -11,9 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from shared.spec import JobSpec
-
-from .runs import Run
+from labctl.cli.analysis.runs import Run
+from labctl.shared.spec import JobSpec
 
 #: Never split blocks: they label runs or change nothing a metric depends on.
 IGNORED_FIELDS = frozenset({"seed", "name", "tags", "sweep_id", "num_workers", "data_root"})

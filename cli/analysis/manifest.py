@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.artifacts import read_json, utc_now, write_json
-from shared.spec import NAME_PATTERN
+from labctl.shared.artifacts import read_json, utc_now, write_json
+from labctl.shared.spec import NAME_PATTERN
 
 SWEEPS_DIR = "sweeps"
 _NAME = re.compile(NAME_PATTERN)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .grouping import Block, make_blocks
-from .runs import Selection, select_runs
-from .stats import PairedTest, block_tests, group_figures
+from labctl.cli.analysis.grouping import Block, make_blocks
+from labctl.cli.analysis.runs import Selection, select_runs
+from labctl.cli.analysis.stats import PairedTest, block_tests, group_figures
 
 
 class NothingToCompare(ValueError):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .grouping import Block, Group
+from labctl.cli.analysis.grouping import Block, Group
 
 #: (metric key, axis label, dashed companion drawn without a band)
 CURVES = {
@@ -38,7 +38,7 @@ def plot_curves(blocks: list[Block], curves: list[str], path: Path,
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from worker.plots import save_figure
+    from labctl.worker.plots import save_figure
 
     n_blocks, n_curves = len(blocks), len(curves)
     rows, cols = (n_blocks, n_curves) if blocks_as_rows else (n_curves, n_blocks)

@@ -8,18 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from shared.artifacts import atomic_path, utc_now
-from shared.spec import DEFAULT_LR, NATIVE_IMAGE_SIZE
-
-from .conclusions import block_conclusion, pretty
-from .environment import environment_markdown
-from .grid import sweep_command
-from .grouping import Block
-from .pipeline import Analysis
-from .plotting import plot_curves
-from .speed import run_speed_rows
-from .stats import ALPHA, WILCOXON_MIN_PAIRS, describe_test
-from .tables import comparison_rows, format_seeds, render_markdown
+from labctl.cli.analysis.conclusions import block_conclusion, pretty
+from labctl.cli.analysis.environment import environment_markdown
+from labctl.cli.analysis.grid import sweep_command
+from labctl.cli.analysis.grouping import Block
+from labctl.cli.analysis.pipeline import Analysis
+from labctl.cli.analysis.plotting import plot_curves
+from labctl.cli.analysis.speed import run_speed_rows
+from labctl.cli.analysis.stats import ALPHA, WILCOXON_MIN_PAIRS, describe_test
+from labctl.cli.analysis.tables import comparison_rows, format_seeds, render_markdown
+from labctl.shared.artifacts import atomic_path, utc_now
+from labctl.shared.spec import DEFAULT_LR, NATIVE_IMAGE_SIZE
 
 CARS_COMMANDS = """\
 labctl sweep --model resnet50 --dataset stanford-cars --data-root /data/stanford_cars \\
@@ -148,7 +147,7 @@ def _curves(blocks: list[Block], out: Path, inputs: ReportInputs) -> str:
 
 
 def _confusion(blocks: list[Block], out: Path, inputs: ReportInputs) -> str:
-    from worker.plots import plot_confusion_matrix
+    from labctl.worker.plots import plot_confusion_matrix
 
     lines = ["## Confusion matrix of the best run", ""]
     used: set[str] = set()

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.artifacts import JOB_ID_PATTERN, read_json, read_jsonl
-
-from .manifest import read_manifest
+from labctl.cli.analysis.manifest import read_manifest
+from labctl.shared.artifacts import JOB_ID_PATTERN, read_json, read_jsonl
 
 
 class RunNotFound(LookupError):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .grouping import Block
-from .stats import group_figures
+from labctl.cli.analysis.grouping import Block
+from labctl.cli.analysis.stats import group_figures
 
 
 def run_speed_rows(blocks: list[Block], by: str = "optimizer"

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .grouping import Block, Group
-from .runs import Run
+from labctl.cli.analysis.grouping import Block, Group
+from labctl.cli.analysis.runs import Run
 
 ALPHA = 0.05
 #: Fewer pairs than this and the exact two-sided Wilcoxon p-value cannot go below

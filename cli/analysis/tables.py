@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .grouping import Block
-from .stats import FIGURES, Aggregate, group_figures
+from labctl.cli.analysis.grouping import Block
+from labctl.cli.analysis.stats import FIGURES, Aggregate, group_figures
 
 #: Decimal places per figure: scores to 4, epochs to 1, times to 3 significant-ish.
 _DECIMALS = {"final_accuracy": 4, "best_accuracy": 4, "final_f1": 4, "best_f1": 4,

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .types import ArrayDataset, ArraySplit, TorchDatasets
+from labctl.worker.data.types import ArrayDataset, ArraySplit, TorchDatasets
 
 if TYPE_CHECKING:
-    from shared.spec import JobSpec
+    from labctl.shared.spec import JobSpec
 
 __all__ = ["ArrayDataset", "ArraySplit", "TorchDatasets", "load_arrays", "build_torch_datasets"]
 
@@ -45,38 +45,38 @@ def load_arrays(spec: JobSpec) -> ArrayDataset:
 def _load_arrays(spec: JobSpec, image_size: int | None) -> ArrayDataset:
     """``image_size=None``: the dataset's native size (digits 8, mnist 28, synthetic 32)."""
     if image_size is None and spec.dataset in ("digits", "synthetic"):
-        from shared.spec import NATIVE_IMAGE_SIZE
+        from labctl.shared.spec import NATIVE_IMAGE_SIZE
 
         image_size = NATIVE_IMAGE_SIZE[spec.dataset]
     kw = dict(limit_train=spec.limit_train, limit_test=spec.limit_test, seed=spec.seed)
     if spec.dataset == "digits":
-        from .arrays import load_digits_arrays
+        from labctl.worker.data.arrays import load_digits_arrays
 
         return load_digits_arrays(image_size, **kw)
     if spec.dataset == "synthetic":
-        from .arrays import load_synthetic_arrays
+        from labctl.worker.data.arrays import load_synthetic_arrays
 
         return load_synthetic_arrays(image_size, spec.effective_num_classes, **kw)
     if spec.dataset == "mnist":
-        from .mnist import load_mnist_arrays, load_mnist_raw
+        from labctl.worker.data.mnist import load_mnist_arrays, load_mnist_raw
 
         if image_size is None:
             return load_mnist_raw(_root(spec), **kw)
         return load_mnist_arrays(_root(spec), image_size, **kw)
-    from .images import load_image_arrays
+    from labctl.worker.data.images import load_image_arrays
 
     return load_image_arrays(spec)
 
 
 def build_torch_datasets(spec: JobSpec) -> TorchDatasets:
     """Torch datasets for ``spec`` (both splits, with their transforms)."""
-    from .torch_datasets import build
+    from labctl.worker.data.torch_datasets import build
 
     return build(spec)
 
 
 def _root(spec: JobSpec) -> str:
-    from worker.engine import DataError
+    from labctl.worker.engine import DataError
 
     if not spec.data_root:
         raise DataError(f"dataset {spec.dataset!r} needs data_root (set LABCTL_DATA_DIR)")

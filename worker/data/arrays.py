@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .subset import TEST_STREAM, TRAIN_STREAM, subset_indices
-from .types import ArrayDataset, ArraySplit
+from labctl.worker.data.subset import TEST_STREAM, TRAIN_STREAM, subset_indices
+from labctl.worker.data.types import ArrayDataset, ArraySplit
 
 #: The digits split never depends on spec.seed: every job sees the same train/test images,
 #: so runs with different seeds stay comparable.

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shared.artifacts import mkstemp_like_open
-
-from .samples import ImageSamples, open_rgb
+from labctl.shared.artifacts import mkstemp_like_open
+from labctl.worker.data.samples import ImageSamples, open_rgb
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.engine import DataError
-
-from .samples import IMAGE_EXTENSIONS, ImageSamples, ImageSource, list_images
+from labctl.worker.data.samples import IMAGE_EXTENSIONS, ImageSamples, ImageSource, list_images
+from labctl.worker.engine import DataError
 
 
 def scan_split(folder: Path) -> tuple[list[str], ImageSamples]:

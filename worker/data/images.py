@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cache import cache_dir_for, decode_images
-from .samples import ImageSamples, ImageSource
-from .subset import TEST_STREAM, TRAIN_STREAM
-from .transforms import centre_crop, imagenet_normalise
-from .types import ArrayDataset, ArraySplit
+from labctl.worker.data.cache import cache_dir_for, decode_images
+from labctl.worker.data.samples import ImageSamples, ImageSource
+from labctl.worker.data.subset import TEST_STREAM, TRAIN_STREAM
+from labctl.worker.data.transforms import centre_crop, imagenet_normalise
+from labctl.worker.data.types import ArrayDataset, ArraySplit
 
 if TYPE_CHECKING:
-    from shared.spec import JobSpec
+    from labctl.shared.spec import JobSpec
 
 #: Images converted to float per chunk, bounding the temporary uint8 copies.
 CHUNK = 512
@@ -21,16 +21,16 @@ CHUNK = 512
 
 def load_image_source(spec: JobSpec) -> ImageSource:
     """The (limit-subsetted) samples of spec.dataset under spec.data_root."""
-    from worker.engine import DataError
+    from labctl.worker.engine import DataError
 
     if not spec.data_root:
         raise DataError(f"dataset {spec.dataset!r} needs data_root (set LABCTL_DATA_DIR)")
     if spec.dataset == "stanford-cars":
-        from .stanford_cars import read_stanford_cars
+        from labctl.worker.data.stanford_cars import read_stanford_cars
 
         source = read_stanford_cars(spec.data_root, crop_to_bbox=spec.crop_to_bbox)
     elif spec.dataset == "imagefolder":
-        from .imagefolder import read_imagefolder
+        from labctl.worker.data.imagefolder import read_imagefolder
 
         source = read_imagefolder(spec.data_root)
     else:

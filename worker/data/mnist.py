@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.engine import DataError
-
-from .arrays import normalise, resize_images, take
-from .subset import TEST_STREAM, TRAIN_STREAM
-from .types import ArrayDataset, ArraySplit
+from labctl.worker.data.arrays import normalise, resize_images, take
+from labctl.worker.data.subset import TEST_STREAM, TRAIN_STREAM
+from labctl.worker.data.types import ArrayDataset, ArraySplit
+from labctl.worker.engine import DataError
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

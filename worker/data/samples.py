@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from worker.engine import DataError
-
-from .subset import subset_indices
+from labctl.worker.data.subset import subset_indices
+from labctl.worker.engine import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

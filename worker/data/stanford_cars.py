@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from worker.engine import DataError
-
-from .imagefolder import has_class_folders, read_class_folders
-from .samples import ImageSamples, ImageSource
+from labctl.worker.data.imagefolder import has_class_folders, read_class_folders
+from labctl.worker.data.samples import ImageSamples, ImageSource
+from labctl.worker.engine import DataError
 
 log = logging.getLogger(__name__)
 

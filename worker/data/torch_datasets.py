@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .cache import DecodedImages, cache_dir_for, decode_images
-from .samples import ImageSamples, open_rgb
-from .transforms import resize_size, test_transform, train_transform
-from .types import ArraySplit, TorchDatasets
+from labctl.worker.data.cache import DecodedImages, cache_dir_for, decode_images
+from labctl.worker.data.samples import ImageSamples, open_rgb
+from labctl.worker.data.transforms import resize_size, test_transform, train_transform
+from labctl.worker.data.types import ArraySplit, TorchDatasets
 
 if TYPE_CHECKING:
-    from shared.spec import JobSpec
+    from labctl.shared.spec import JobSpec
 
 #: Set to 1 to serve Stanford Cars / imagefolder from the decode cache (see cache.py): images
 #: are stored with shorter side S*256/224 and the usual transforms run on those pixels.
@@ -88,14 +88,14 @@ def build(spec: JobSpec, decode_cache: bool | None = None) -> TorchDatasets:
     """Both torch datasets of ``spec``. ``decode_cache`` defaults to $LABCTL_DECODE_CACHE."""
     size = spec.effective_image_size
     if spec.dataset in ("digits", "mnist", "synthetic"):
-        from . import _load_arrays
+        from labctl.worker.data import _load_arrays
 
         # Load at native size (normalised there) and resize per item to image_size.
         arrays = _load_arrays(spec, None)
         return TorchDatasets(ArrayImageDataset(arrays.train, size),
                              ArrayImageDataset(arrays.test, size), arrays.class_names)
 
-    from .images import load_image_source
+    from labctl.worker.data.images import load_image_source
 
     source = load_image_source(spec)
     if decode_cache is None:

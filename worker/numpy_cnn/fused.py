@@ -29,8 +29,8 @@ import threading
 
 import numpy as np
 
-from .layers import Conv2D, Layer, MaxPool2D, ReLU
-from .parallel import num_threads, parallel_map, split_evenly
+from labctl.worker.numpy_cnn.layers import Conv2D, Layer, MaxPool2D, ReLU
+from labctl.worker.numpy_cnn.parallel import num_threads, parallel_map, split_evenly
 
 #: Target size of one chunk's im2col matrix: big enough for an efficient GEMM, small enough
 #: to stay in cache (L2 is 512 KiB, L3 32 MiB on the Zen 3 we tuned on); measured best.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .parallel import parallel_matmul
+from labctl.worker.numpy_cnn.parallel import parallel_matmul
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:

@@ -23,8 +23,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .fused import ConvReLUPool, fusable
-from .layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, _pair
+from labctl.worker.numpy_cnn.fused import ConvReLUPool, fusable
+from labctl.worker.numpy_cnn.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, _pair
 
 
 def _to_nhwc(x: np.ndarray) -> np.ndarray:

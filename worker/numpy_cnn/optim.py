@@ -28,8 +28,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from .layers import Layer
-from .parallel import num_threads, parallel_map, split_evenly
+from labctl.worker.numpy_cnn.layers import Layer
+from labctl.worker.numpy_cnn.parallel import num_threads, parallel_map, split_evenly
 
 #: Elements per slice: the five arrays an update touches (256 KiB each) stay in L2/L3 cache,
 #: and the per-call overhead of ~10 ufuncs is amortised (measured: 16K elements cost 10% more).

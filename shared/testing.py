@@ -1,10 +1,12 @@
-"""Real processes for integration tests: a private ``redis-server`` and labctl workers.
+"""Real processes for integration tests and benchmarks: a private ``redis-server`` and labctl
+workers. Shipped in the package (as ``flask.testing`` is) so benchmarks need not reach into
+``tests/``.
 
 Every test server listens on a free port with its files in a temp dir, so tests never touch
 a Redis someone else is using (the shared one on 6379 included). Reused by the queue,
 metrics and Prometheus tests::
 
-    from procs import RedisServer, WorkerProcess, free_port
+    from labctl.shared.testing import RedisServer, WorkerProcess, free_port
 
     with RedisServer(tmp_path / "redis") as server:
         worker = WorkerProcess(server.url, tmp_path / "w1.log", env=job_env).start()
@@ -25,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -156,11 +156,11 @@ class WorkerProcess:
                # two workers on two cores: one BLAS thread each, no oversubscription
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                **self.env}
-        args = [sys.executable, "-m", "cli.main", "worker", "--queues", self.queues,
+        args = [sys.executable, "-m", "labctl.cli.main", "worker", "--queues", self.queues,
                 "--hostname", f"{self.name}@%h", "--loglevel", "info", *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        self.process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=log_file,
+        self.process = subprocess.Popen(args, cwd=self.log_path.parent, env=env, stdout=log_file,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         log_file.close()
         return self
