@@ -18,15 +18,14 @@ from labctl.shared.testing import RedisServer, redis_server_available
 
 
 @pytest.fixture(autouse=True)
-def _reset_labctl_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+def _reset_labctl_environment(monkeypatch: pytest.MonkeyPatch,
+                              tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every test starts from no ``LABCTL_*`` variable and no ``.env`` (settings read ``.env``
     from the working directory, so the test runs in an empty one), like Flask's
     ``_reset_os_environ``: a developer's own settings can neither break nor pass a test."""
     for key in [key for key in os.environ if key.startswith("LABCTL_")]:
         monkeypatch.delenv(key)
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    monkeypatch.chdir(workdir)
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

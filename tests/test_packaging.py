@@ -3,6 +3,7 @@ runs a job on its own, apart from the checkout."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,9 +19,15 @@ SOURCE_FOLDERS = ("bench", "cli", "shared", "worker")
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy: setuptools' build/ folder keeps modules deleted from the source,
+    # and a wheel built in place would ship them.
+    source = tmp_path_factory.mktemp("source")
+    for name in (*SOURCE_FOLDERS, "pyproject.toml", "README.md"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, source / name)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out), str(REPO)], check=True, capture_output=True,
+                    "-q", "-w", str(out), str(source)], check=True, capture_output=True,
                    timeout=300)
     (built,) = out.glob("labctl-*.whl")
     return built
@@ -33,7 +40,8 @@ def test_the_wheel_has_one_top_level_package_and_every_source_module(wheel: Path
     assert top_level == {"labctl"}
     packaged = {name for name in names if name.endswith(".py")}
     source = {f"labctl/{path.relative_to(REPO).as_posix()}"
-              for folder in SOURCE_FOLDERS for path in (REPO / folder).rglob("*.py")}
+              for folder in SOURCE_FOLDERS for path in (REPO / folder).rglob("*.py")
+              if "__pycache__" not in path.parts}
     assert packaged == source
 
 
