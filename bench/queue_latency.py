@@ -51,8 +51,9 @@ def wait_idle(records, timeout: float = 60.0) -> None:
 
 def measure(redis_url: str, jobs: int, timeout: float = 120.0) -> list[float]:
     """Submit ``jobs`` tiny jobs one at a time; return each one's latency in ms."""
+    from labctl.shared.jobstate import TERMINAL_STATES
     from labctl.shared.queue import celery_app, submit_job
-    from labctl.shared.records import TERMINAL_STATES, JobRecords, parse_iso
+    from labctl.shared.records import JobRecords, parse_iso
     from labctl.shared.spec import build_spec
 
     records = JobRecords.from_url(redis_url)

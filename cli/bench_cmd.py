@@ -43,7 +43,8 @@ def measure_markdown(quick: bool = True) -> str:
             "its threads wait on busy cores.")
 
 
-@click.command("bench")
+@click.command("bench", short_help=(
+    "Time the NumPy CNN against PyTorch, and our ResNet50 against torchvision's."))
 @click.option("--quick", is_flag=True,
               help="fewer, smaller timing rounds: seconds instead of minutes, noisier")
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")

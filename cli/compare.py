@@ -31,7 +31,8 @@ def load_analysis(refs: tuple[str, ...], artifacts_dir: str | None, by: str):
     return analysis
 
 
-@click.command("compare")
+@click.command("compare", short_help=(
+    "Compare finished runs: accuracy, F1, speed, and a paired significance test."))
 @click.argument("refs", nargs=-1, required=True, metavar="JOB|SWEEP|FOLDER...")
 @artifacts_dir_option
 @click.option("--by", default="optimizer", show_default=True,

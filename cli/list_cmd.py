@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from labctl.cli.broker import broker_errors, open_records
-from labctl.shared.records import STATES
+from labctl.shared.jobstate import STATES
 
 HEADER = ["ID", "STATE", "QUEUE", "MODEL/OPT", "DATASET", "EPOCH", "ACC", "WORKER"]
 

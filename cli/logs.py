@@ -11,7 +11,8 @@ import click
 from labctl.cli.broker import broker_errors, checked_job_id, open_records_unless_local
 from labctl.cli.errors import BrokerUnavailable, NotFound
 from labctl.shared.artifacts import ArtifactStore
-from labctl.shared.records import TERMINAL_STATES, JobRecords
+from labctl.shared.jobstate import TERMINAL_STATES
+from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
 
 #: How often --follow / --wait ask Redis; a few cheap reads a second.

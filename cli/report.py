@@ -14,7 +14,8 @@ from labctl.cli.run import artifacts_dir_option
 DEFAULT_BENCHMARKS = "docs/benchmarks.md"
 
 
-@click.command("report")
+@click.command(
+    "report", short_help="Write a Markdown report: curves, tables, conclusion, speed and set-up.")
 @click.argument("refs", nargs=-1, required=True, metavar="JOB|SWEEP|FOLDER...")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="folder for report.md and its PNGs (created if missing)")

@@ -42,7 +42,8 @@ def build_grid(spec_values: dict, seeds: int | None, sweep_id: str
     return {name: first[name] for name in base}, grid, jobs
 
 
-@click.command("sweep")
+@click.command("sweep", short_help=(
+    "Submit a grid of jobs: the product of the comma lists given, times the seeds."))
 @spec_options
 @click.option("--seeds", type=int, default=None,
               help="run seeds 0..N-1 (or give --seed 0,1,2)")

@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from labctl.shared.jobstate import is_terminal
+
 #: ``20261128-201500-a1b2c3``: sorts by creation time, unique enough, safe in a path.
 JOB_ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 
@@ -163,10 +165,10 @@ class JobFolder:
         ended the job (the reaper, a cancel while it waited to be requeued), so the folder
         does not say "running" forever. Only a folder that exists and has not ended itself
         is touched; returns whether it was."""
-        if record.get("state") not in ("succeeded", "failed", "cancelled") or not self.exists():
+        if not is_terminal(record.get("state")) or not self.exists():
             return False
         try:
-            if self.read_status().get("state") in ("succeeded", "failed", "cancelled"):
+            if is_terminal(self.read_status().get("state")):
                 return False
             self.update_status(state=record["state"], error=record.get("error"),
                                finished_at=record.get("finished_at") or utc_now())

@@ -1,7 +1,8 @@
 """Submitting jobs: routing, the job record and the Celery message, in one place shared by
 ``labctl submit``, ``labctl sweep`` and the reaper.
 
-Celery is imported only when a message is sent; reading records needs Redis alone.
+Celery is imported only when a message is sent; reading records needs Redis alone. Nothing
+here imports the worker: the task is sent by name (``labctl.shared.celery_config``).
 """
 
 from __future__ import annotations
@@ -53,22 +54,20 @@ _apps: dict[str, Any] = {}
 
 
 def celery_app() -> Any:
-    """The Celery app for the current ``LABCTL_REDIS_URL``: ``worker.app.app`` unless the
-    settings changed since it was built (tests, or a program talking to several stacks)."""
-    from labctl.worker.app import app, make_app
+    """An app that sends to the current ``LABCTL_REDIS_URL``, one per URL (tests, or a
+    program talking to several stacks, change it)."""
+    from labctl.shared.celery_config import sender_app
 
     url = get_settings().redis_url
-    if app.conf.broker_url == url:
-        return app
     if url not in _apps:
-        _apps[url] = make_app(url)
+        _apps[url] = sender_app(url)
     return _apps[url]
 
 
 def enqueue(job_id: str, spec: dict[str, Any], *, attempt: int, queue: str,
             app: Any = None) -> None:
     """Send the Celery message for ``attempt`` of a job whose record is already queued."""
-    from labctl.worker.app import TASK_NAME
+    from labctl.shared.celery_config import TASK_NAME
 
     app = app or celery_app()
     app.send_task(TASK_NAME, args=[job_id, spec, attempt], queue=queue,

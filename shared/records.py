@@ -32,10 +32,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from labctl.shared.artifacts import validate_job_id
+from labctl.shared.jobstate import TERMINAL_STATES
 from labctl.shared.spec import JobSpec
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 #: A job whose worker died this many times is failed instead of requeued again: a job that
 #: kills its worker (the kernel's OOM killer, a driver crash) must not take the fleet down.
 #: Hand-backs at a graceful shutdown do not count.
@@ -104,7 +103,7 @@ def _flat(fields: dict[str, Any]) -> list[str]:
 
 # Values as stored (JSON), for comparisons inside the scripts.
 _RUNNING, _QUEUED, _TRUE = json.dumps("running"), json.dumps("queued"), json.dumps(True)
-_TERMINAL_LUA = " or ".join(f"state == '{json.dumps(s)}'" for s in TERMINAL_STATES)
+_TERMINAL_LUA = " or ".join(f"state == '{json.dumps(s)}'" for s in sorted(TERMINAL_STATES))
 
 # KEYS: record, lease, running set. ARGV: job id, attempt, owner (JSON), lease ms, now
 # (JSON), fields to set on a claim (pairs...). A message is run only if its attempt is the

@@ -6,10 +6,9 @@ on 6379) and skip the test when ``redis-server`` is not installed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
-
-import os
 
 import pytest
 

@@ -191,9 +191,12 @@ def test_workers_consume_the_queues_the_app_routes_to(compose):
     assert worker_queues(compose["services"]["worker-cpu"]) == {"cpu"}
     declared = {q.name for q in make_app().conf.task_queues}
     assert declared == set(QUEUES) == {"cpu", "gpu"}
-    from labctl.shared.metrics import QUEUES as METRIC_QUEUES
+    import inspect
 
-    assert set(METRIC_QUEUES) == set(QUEUES)  # queue depth covers every queue
+    from labctl.worker.metrics import QueueDepthCollector
+
+    depth_queues = inspect.signature(QueueDepthCollector).parameters["queues"].default
+    assert set(depth_queues) == set(QUEUES)  # queue depth covers every queue
 
 
 @needs_compose
@@ -300,7 +303,7 @@ def exported_metric_names() -> set[str]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from labctl.shared import metrics as m
+    from labctl.worker import metrics as m
 
     names = {s.name for f in text_string_to_metric_families(generate_latest(m.REGISTRY).decode())
              for s in f.samples}

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from labctl.shared import metrics as m
 from labctl.shared.spec import build_spec
+from labctl.worker import metrics as m
 from labctl.worker.metrics_reporter import MetricsReporter
 
 SPEC = build_spec({"model": "numpy-cnn", "optimizer": "adamax", "dataset": "digits",

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.jobstate import TERMINAL_STATES
 from labctl.shared.queue import submit_job
-from labctl.shared.records import TERMINAL_STATES, JobRecords
+from labctl.shared.records import JobRecords
 from labctl.shared.spec import build_spec
 from labctl.shared.testing import RedisServer, WorkerProcess, stop_all, wait_for
 from labctl.worker.app import make_app

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 
 from labctl.cli.main import cli
 from labctl.shared.artifacts import ArtifactStore, JobFolder, new_job_id, write_json
+from labctl.shared.jobstate import TERMINAL_STATES
 from labctl.shared.queue import enqueue, submit_job
-from labctl.shared.records import TERMINAL_STATES, JobRecords
+from labctl.shared.records import JobRecords
 from labctl.shared.spec import build_spec
 from labctl.shared.testing import RedisServer, WorkerProcess, stop_all, wait_for
 from labctl.worker.app import make_app

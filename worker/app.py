@@ -1,7 +1,8 @@
 """The Celery app: ``celery -A worker.app worker --pool solo -Q cpu,gpu`` (or ``labctl worker``).
 
-The CLI imports this module to send tasks, so it must stay light: no torch, no engines.
-The task module is listed in ``include`` and imported by the worker only.
+Only workers import this module; senders use ``labctl.shared.celery_config``, which holds the
+task name, the queues and the configuration both sides share. The task module is listed in
+``include`` and imported by the worker only.
 
 Why the solo pool: a job owns its device (a GPU, or every core through BLAS), so one job per
 process is all the concurrency we want; more workers means more processes (``labctl worker
@@ -20,17 +21,12 @@ from urllib.parse import urlsplit
 
 from celery import Celery, signals
 from celery.exceptions import CPendingDeprecationWarning
-from kombu import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
+from labctl.shared.celery_config import QUEUES, SOCKET_TIMEOUT, TASK_NAME, celery_settings
 from labctl.shared.settings import get_settings, redact_url
 
 log = logging.getLogger(__name__)
-
-TASK_NAME = "labctl.run_job"
-QUEUES = ("cpu", "gpu")
-#: Fast socket timeouts: a dead Redis is noticed in seconds, and then retried.
-SOCKET_TIMEOUT = 10.0
 
 
 class GuardedRedisChannel(kombu_redis.Channel):
@@ -82,54 +78,7 @@ def make_app(redis_url: str | None = None) -> Celery:
     app = Celery("labctl", broker=redis_url, backend=redis_url, include=["labctl.worker.tasks"])
     if urlsplit(redis_url).scheme == "redis":
         app.conf.broker_transport = "labctl.worker.app:GuardedRedisTransport"
-    app.conf.update(
-        # JSON only: a message can never make a worker unpickle attacker-chosen bytes.
-        accept_content=["json"], result_accept_content=["json"],
-        task_serializer="json", result_serializer="json",
-        # Each queue its own exchange and routing key: without them kombu fills in the
-        # default queue's, and a message sent to "gpu" would land on "cpu".
-        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name)
-                     for name in QUEUES],
-        task_default_queue="cpu", task_default_exchange="cpu", task_default_routing_key="cpu",
-        task_create_missing_queues=False,
-        # Ack after the job, so a worker that dies mid-job has not consumed the message;
-        # recovery itself is the reaper's job (heartbeats), see worker/reaper.py.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        task_track_started=True,
-        # The solo pool is the default, so a plain `celery -A worker.app worker` runs jobs
-        # the way `labctl worker` does (docs/queue.md, "Why the solo pool").
-        worker_pool="solo",
-        # One job at a time per worker process: never hoard a second message behind a
-        # two-hour job while another worker sits idle.
-        worker_prefetch_multiplier=1,
-        worker_disable_prefetch=True,
-        # Our own lease decides whether a job is alive; a broker hiccup must not kill it.
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_hijack_root_logger=True,
-        broker_connection_retry_on_startup=True,
-        broker_connection_retry=True,
-        broker_connection_max_retries=None,  # a worker waits for Redis forever
-        broker_channel_error_retry=True,
-        broker_transport_options={
-            # kombu re-delivers unacked messages after this long whether or not the job is
-            # still running; the task's claim check makes such a redelivery a no-op.
-            "visibility_timeout": 3600,
-            "socket_timeout": SOCKET_TIMEOUT,
-            "socket_connect_timeout": SOCKET_TIMEOUT,
-            "retry_on_timeout": True,
-            "health_check_interval": 30,
-        },
-        result_backend_always_retry=True,
-        result_backend_max_retries=20,
-        result_backend_max_sleep_between_retries_ms=2000,
-        redis_socket_timeout=SOCKET_TIMEOUT,
-        redis_socket_connect_timeout=SOCKET_TIMEOUT,
-        redis_retry_on_timeout=True,
-        result_expires=7 * 24 * 3600,
-        task_publish_retry_policy={"max_retries": 5, "interval_start": 0,
-                                   "interval_step": 0.5, "interval_max": 2},
-    )
+    app.conf.update(celery_settings())
     return app
 
 
@@ -175,14 +124,11 @@ def _hand_back_running_job(sig=None, how=None, exitcode=None, **_kwargs) -> None
 
 
 def start_metrics_if_configured(port: int | None, redis_url: str) -> None:
-    """The one hook that starts /metrics (``shared.metrics`` may be absent in a slim build)."""
+    """The one hook that starts /metrics."""
     if port is None:
         return
-    try:
-        from labctl.shared.metrics import start_metrics_server
-    except ImportError:
-        log.warning("metrics port %s requested but shared.metrics is not installed", port)
-        return
+    from labctl.worker.metrics import start_metrics_server
+
     try:
         start_metrics_server(port, redis_url)
     except OSError as exc:  # the worker still trains; only its metrics are missing
@@ -197,3 +143,6 @@ def _preload_engines() -> None:
         import labctl.worker.plots  # noqa: F401  (matplotlib: a second on a small machine)
     except Exception:  # a broken import shows up, with its traceback, in the first job
         log.debug("preloading the engines failed", exc_info=True)
+
+
+__all__ = ["QUEUES", "SOCKET_TIMEOUT", "TASK_NAME", "app", "make_app"]

@@ -14,8 +14,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from labctl.shared import metrics as m
 from labctl.shared.spec import JobSpec
+from labctl.worker import metrics as m
 from labctl.worker.runner import Reporter
 
 # metrics.jsonl column -> running-job gauge.

@@ -33,7 +33,6 @@ from labctl.worker.evaluation import accuracy, confusion_matrix, f1_macro, per_c
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 
 
 class Reporter:

@@ -17,6 +17,7 @@ import redis
 from celery.exceptions import Reject
 
 from labctl.shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
+from labctl.shared.jobstate import is_terminal
 from labctl.shared.records import JobRecords, now_iso
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
@@ -121,7 +122,7 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
 def _ended_in_its_folder(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
     """status.json of a job that already reached a final state, else None."""
     status = _read_or_none(store.job(job_id).read_status) or {}
-    return status if status.get("state") in ("succeeded", "failed", "cancelled") else None
+    return status if is_terminal(status.get("state")) else None
 
 
 def _read_or_none(read: Any) -> Any:

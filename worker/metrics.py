@@ -42,6 +42,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from labctl.shared.celery_config import QUEUES
+from labctl.shared.jobstate import STATES, TERMINAL_STATES
+
 log = logging.getLogger(__name__)
 
 # The ``*_created`` timestamp series only matter to OpenMetrics consumers; in the text format
@@ -54,11 +57,9 @@ REGISTRY = CollectorRegistry()
 for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
     REGISTRY.register(_collector)  # process_* (CPU, RSS, fds) and python_* are worth keeping
 
-#: The Celery queues a job can be routed to (kombu keeps each in a Redis list of that name).
-QUEUES = ("cpu", "gpu")
 SPEC_LABELS = ("model", "optimizer", "dataset")
 JOB_LABELS = ("job_id", *SPEC_LABELS)
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+FINAL_STATES = tuple(s for s in STATES if s in TERMINAL_STATES)
 
 # An epoch of numpy-cnn on digits takes a fraction of a second; ResNet50 on Stanford Cars
 # takes minutes on a GPU and hours on a CPU.

@@ -1,0 +1,79 @@
+"""The queue's contract with Celery, shared by the side that sends jobs and the workers.
+
+The task name, the queue names and the Celery configuration live here, in ``shared``, so
+``labctl submit`` can send a task without importing the worker; ``labctl.worker.app``
+builds the workers' app from the same configuration (plus the task module and the guarded
+transport that only a consumer needs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+TASK_NAME = "labctl.run_job"
+#: The Celery queues a job can be routed to (kombu keeps each in a Redis list of that name).
+QUEUES = ("cpu", "gpu")
+#: Fast socket timeouts: a dead Redis is noticed in seconds, and then retried.
+SOCKET_TIMEOUT = 10.0
+
+
+def celery_settings() -> dict[str, Any]:
+    """The configuration every labctl Celery app uses, sender or worker."""
+    return dict(
+        # JSON only: a message can never make a worker unpickle attacker-chosen bytes.
+        accept_content=["json"], result_accept_content=["json"],
+        task_serializer="json", result_serializer="json",
+        # Each queue its own exchange and routing key: without them kombu fills in the
+        # default queue's, and a message sent to "gpu" would land on "cpu".
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name)
+                     for name in QUEUES],
+        task_default_queue="cpu", task_default_exchange="cpu", task_default_routing_key="cpu",
+        task_create_missing_queues=False,
+        # Ack after the job, so a worker that dies mid-job has not consumed the message;
+        # recovery itself is the reaper's job (heartbeats), see worker/reaper.py.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        # The solo pool is the default, so a plain `celery -A labctl.worker.app worker` runs
+        # jobs the way `labctl worker` does (docs/queue.md, "Why the solo pool").
+        worker_pool="solo",
+        # One job at a time per worker process: never hoard a second message behind a
+        # two-hour job while another worker sits idle.
+        worker_prefetch_multiplier=1,
+        worker_disable_prefetch=True,
+        # Our own lease decides whether a job is alive; a broker hiccup must not kill it.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,  # a worker waits for Redis forever
+        broker_channel_error_retry=True,
+        broker_transport_options={
+            # kombu re-delivers unacked messages after this long whether or not the job is
+            # still running; the task's claim check makes such a redelivery a no-op.
+            "visibility_timeout": 3600,
+            "socket_timeout": SOCKET_TIMEOUT,
+            "socket_connect_timeout": SOCKET_TIMEOUT,
+            "retry_on_timeout": True,
+            "health_check_interval": 30,
+        },
+        result_backend_always_retry=True,
+        result_backend_max_retries=20,
+        result_backend_max_sleep_between_retries_ms=2000,
+        redis_socket_timeout=SOCKET_TIMEOUT,
+        redis_socket_connect_timeout=SOCKET_TIMEOUT,
+        redis_retry_on_timeout=True,
+        result_expires=7 * 24 * 3600,
+        task_publish_retry_policy={"max_retries": 5, "interval_start": 0,
+                                   "interval_step": 0.5, "interval_max": 2},
+    )
+
+
+def sender_app(redis_url: str) -> Celery:
+    """An app that sends labctl tasks to ``redis_url`` (it runs none)."""
+    app = Celery("labctl", broker=redis_url, backend=redis_url)
+    app.conf.update(celery_settings())
+    return app
