@@ -22,7 +22,8 @@ def table_row(job: dict[str, Any]) -> list[str]:
 
 
 @click.command("list")
-@click.option("--state", type=click.Choice(STATES), default=None, help="only jobs in this state")
+@click.option("--state", type=click.Choice([state.value for state in STATES]), default=None,
+              help="only jobs in this state")
 @click.option("--limit", "-n", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="at most this many jobs, newest first")
 @click.option("--json", "as_json", is_flag=True, help="print the records as a JSON list")

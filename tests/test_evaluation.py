@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
+from sklearn.metrics import accuracy_score, f1_score
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 from labctl.worker.evaluation import (
@@ -13,7 +13,6 @@ from labctl.worker.evaluation import (
     confusion_matrix,
     f1_macro,
     per_class_accuracy,
-    top_k_accuracy,
 )
 
 
@@ -31,12 +30,3 @@ def test_metrics_match_sklearn(n, c, seed):
 def test_per_class_accuracy_marks_absent_classes():
     cm = confusion_matrix(np.array([0, 0, 1]), np.array([0, 1, 1]), 3)
     assert per_class_accuracy(cm) == [0.5, 1.0, None]
-
-
-def test_top_k_matches_sklearn():
-    rng = np.random.default_rng(0)
-    scores = rng.normal(size=(50, 8))
-    y = rng.integers(0, 8, 50)
-    for k in (1, 3, 5):
-        assert np.isclose(top_k_accuracy(scores, y, k),
-                          top_k_accuracy_score(y, scores, k=k, labels=range(8)))

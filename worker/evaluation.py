@@ -34,9 +34,3 @@ def per_class_accuracy(cm: np.ndarray) -> list[float | None]:
     support = cm.sum(axis=1)
     return [float(cm[i, i] / support[i]) if support[i] else None for i in range(len(cm))]
 
-
-def top_k_accuracy(scores: np.ndarray, y_true: np.ndarray, k: int) -> float:
-    """scores: (N, C); fraction of rows whose true label is among the k highest scores."""
-    k = min(k, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(top == np.asarray(y_true)[:, None], axis=1)))
