@@ -9,42 +9,57 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import click
 
 from labctl.cli.errors import BadSpec
 from labctl.shared.spec import JobSpec, SpecError, build_spec, load_spec_file
 
-# (flag declarations, spec field, help). Non-boolean flags take text; pydantic parses it.
-VALUE_FLAGS: list[tuple[tuple[str, ...], str, str]] = [
-    (("--model",), "model", "numpy-cnn | resnet50 [resnet50]"),
-    (("--opt", "--optimizer"), "optimizer", "adam | adamax [adamax]"),
-    (("--dataset",), "dataset", "digits | mnist | stanford-cars | imagefolder | synthetic"),
-    (("--data-root",), "data_root", "dataset folder [$LABCTL_DATA_DIR]"),
-    (("--epochs",), "epochs", "passes over the training split [30]"),
-    (("--batch-size",), "batch_size", "images per step [64]"),
-    (("--lr",), "lr", "learning rate [adam 1e-3, adamax 2e-3]"),
-    (("--weight-decay",), "weight_decay", "coupled L2 penalty [0]"),
-    (("--lr-schedule",), "lr_schedule", "constant | cosine [cosine]"),
-    (("--warmup-epochs",), "warmup_epochs", "linear warm-up epochs [0]"),
-    (("--image-size",), "image_size", "resize side [224 for photos, native otherwise]"),
-    (("--num-classes",), "num_classes", "classes of the synthetic dataset [10]"),
-    (("--seed",), "seed", "random seed [0]"),
-    (("--device",), "device", "auto | cpu | cuda | cuda:N [auto]"),
-    (("--limit-train",), "limit_train", "train on a subset of this size"),
-    (("--limit-test",), "limit_test", "evaluate on a subset of this size"),
-    (("--num-workers",), "num_workers", "DataLoader workers [4]"),
-    (("--init-weights",), "init_weights", "torchvision-format checkpoint to start from"),
-    (("--name",), "name", "a label for humans"),
+# (flag declarations, spec field); each flag's help comes from the field (field_help).
+# Non-boolean flags take text; pydantic parses it.
+VALUE_FLAGS: list[tuple[tuple[str, ...], str]] = [
+    (("--model",), "model"),
+    (("--opt", "--optimizer"), "optimizer"),
+    (("--dataset",), "dataset"),
+    (("--data-root",), "data_root"),
+    (("--epochs",), "epochs"),
+    (("--batch-size",), "batch_size"),
+    (("--lr",), "lr"),
+    (("--weight-decay",), "weight_decay"),
+    (("--lr-schedule",), "lr_schedule"),
+    (("--warmup-epochs",), "warmup_epochs"),
+    (("--image-size",), "image_size"),
+    (("--num-classes",), "num_classes"),
+    (("--seed",), "seed"),
+    (("--device",), "device"),
+    (("--limit-train",), "limit_train"),
+    (("--limit-test",), "limit_test"),
+    (("--num-workers",), "num_workers"),
+    (("--init-weights",), "init_weights"),
+    (("--name",), "name"),
 ]
-BOOL_FLAGS: list[tuple[str, str, str]] = [
-    ("--amp/--no-amp", "amp", "bf16 autocast (resnet50) [off]"),
-    ("--channels-last/--no-channels-last", "channels_last", "channels_last memory [on]"),
-    ("--compile/--no-compile", "compile", "torch.compile the model [off]"),
-    ("--crop-to-bbox/--no-crop-to-bbox", "crop_to_bbox", "crop Stanford Cars to boxes [off]"),
+BOOL_FLAGS: list[tuple[str, str]] = [
+    ("--amp/--no-amp", "amp"),
+    ("--channels-last/--no-channels-last", "channels_last"),
+    ("--compile/--no-compile", "compile"),
+    ("--crop-to-bbox/--no-crop-to-bbox", "crop_to_bbox"),
 ]
 _PREFIX = "spec__"
+
+
+def field_help(name: str) -> str:
+    """A flag's help from its spec field: the description, the choices, ``[default]``."""
+    info = JobSpec.model_fields[name]
+    text = (info.description or name).rstrip(".")
+    if get_origin(info.annotation) is Literal:
+        text += f" ({' | '.join(get_args(info.annotation))})"
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        text += f" [{'on' if default else 'off'}]"
+    elif default is not None:
+        text += f" [{default}]"
+    return text
 
 
 def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,10 +81,12 @@ def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args, spec_values=values, **kwargs)
 
     # Click applies decorators bottom-up; reversed keeps --help in the table's order.
-    for decls, field, help_text in reversed(VALUE_FLAGS):
-        wrapper = click.option(*decls, _PREFIX + field, default=None, help=help_text)(wrapper)
-    for decl, field, help_text in reversed(BOOL_FLAGS):
-        wrapper = click.option(decl, _PREFIX + field, default=None, help=help_text)(wrapper)
+    for decls, field in reversed(VALUE_FLAGS):
+        wrapper = click.option(*decls, _PREFIX + field, default=None,
+                               help=field_help(field))(wrapper)
+    for decl, field in reversed(BOOL_FLAGS):
+        wrapper = click.option(decl, _PREFIX + field, default=None,
+                               help=field_help(field))(wrapper)
     wrapper = click.option("--tag", _PREFIX + "tags", multiple=True,
                            help="free label; repeat for several")(wrapper)
     wrapper = click.option("-f", "--file", "spec_file", type=click.Path(dir_okay=False),

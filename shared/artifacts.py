@@ -48,7 +48,9 @@ def validate_job_id(job_id: str) -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    """UTC with milliseconds, for every stamp labctl writes (queue latency is measured from
+    the records' stamps)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _process_umask() -> int:

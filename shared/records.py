@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from labctl.shared.artifacts import validate_job_id
+from labctl.shared.artifacts import utc_now, validate_job_id
 from labctl.shared.jobstate import TERMINAL_STATES
 from labctl.shared.spec import JobSpec
 
@@ -56,13 +57,12 @@ def lease_key(job_id: str) -> str:
     return f"{job_key(job_id)}:lease"
 
 
+def logged_epochs_key(job_id: str) -> str:
+    return f"{job_key(job_id)}:log:epochs"
+
+
 def log_key(job_id: str) -> str:
     return f"{job_key(job_id)}:log"
-
-
-def now_iso() -> str:
-    """UTC with milliseconds: queue latency is measured from these stamps."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def parse_iso(stamp: str | None) -> float | None:
@@ -228,7 +228,7 @@ class JobRecords:
         created = time.time()
         record = {
             "id": job_id, "state": "queued", "queue": queue, "attempts": 1,
-            "created_at": now_iso(), "started_at": None, "finished_at": None,
+            "created_at": utc_now(), "started_at": None, "finished_at": None,
             "epoch": 0, "epochs": spec.epochs, "metrics": None, "error": None,
             "worker": None, "artifacts": None, "cancel_requested": False,
             "model": spec.model, "optimizer": spec.optimizer, "dataset": spec.dataset,
@@ -290,14 +290,14 @@ class JobRecords:
         return self._claim(
             keys=[job_key(job_id), lease_key(job_id), RUNNING_KEY],
             args=[job_id, attempt, json.dumps(owner), int(lease_seconds * 1000),
-                  json.dumps(now_iso()), *_flat(fields)])
+                  json.dumps(utc_now()), *_flat(fields)])
 
     def heartbeat(self, job_id: str, owner: str, lease_seconds: float) -> int:
         """Renew the lease. 0: lost (no longer ours), 1: alive, 2: alive, cancel requested."""
         return int(self._heartbeat(
             keys=[job_key(job_id), lease_key(job_id)],
             args=[json.dumps(owner), int(lease_seconds * 1000),
-                  *_flat({"heartbeat_at": now_iso()})]))
+                  *_flat({"heartbeat_at": utc_now()})]))
 
     def update_owned(self, job_id: str, owner: str, **fields: Any) -> bool:
         """Set fields if ``owner`` still runs the job; a terminal ``state`` also releases it."""
@@ -315,30 +315,37 @@ class JobRecords:
 
     def _requeue_result(self, job_id: str, max_losses: int, owner: str) -> tuple[str, int]:
         result = self._requeue(keys=[job_key(job_id), lease_key(job_id), RUNNING_KEY],
-                               args=[job_id, max_losses, json.dumps(now_iso()), owner])
+                               args=[job_id, max_losses, json.dumps(utc_now()), owner])
         return str(result[0]), int(result[1]) if len(result) > 1 else 0
 
     def fail_unclaimed(self, job_id: str, error: str) -> None:
         """A queued job whose message can never run (e.g. it could not be sent)."""
         self.client.hset(job_key(job_id), mapping=_encode(
-            {"state": "failed", "error": error, "finished_at": now_iso()}))
+            {"state": "failed", "error": error, "finished_at": utc_now()}))
 
     # --- cancel --------------------------------------------------------------------------
 
     def request_cancel(self, job_id: str) -> str:
         """Returns the state the job was in: ``missing``, ``queued`` (now cancelled),
         ``running`` (flagged; its worker stops it at the next batch) or a terminal state."""
-        return str(self._cancel(keys=[job_key(job_id)], args=[json.dumps(now_iso())]))
+        return str(self._cancel(keys=[job_key(job_id)], args=[json.dumps(utc_now())]))
 
     # --- logs ----------------------------------------------------------------------------
 
-    def append_log(self, job_id: str, *lines: str) -> None:
+    def append_log(self, job_id: str, *lines: str, epochs: Iterable[int] = ()) -> None:
+        """Append ``lines``; ``epochs`` are the epochs whose lines are among them."""
         if not lines:
             return
         pipe = self.client.pipeline(transaction=True)
         pipe.rpush(log_key(job_id), *lines)
         pipe.ltrim(log_key(job_id), -MAX_LOG_LINES, -1)
+        if epochs := list(epochs):
+            pipe.sadd(logged_epochs_key(job_id), *epochs)
         pipe.execute()
+
+    def logged_epochs(self, job_id: str) -> set[int]:
+        """The epochs whose line reached the log."""
+        return {int(epoch) for epoch in self.client.smembers(logged_epochs_key(job_id))}
 
     def read_log(self, job_id: str, start: int = 0) -> list[str]:
         return self.client.lrange(log_key(job_id), start, -1)

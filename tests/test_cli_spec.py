@@ -196,3 +196,18 @@ def test_spec_commands_accept_json_and_print_the_same(args):
     assert flagged.exit_code == 0, flagged.output
     assert flagged.stdout == plain.stdout
     json.loads(flagged.stdout)
+
+
+def test_each_spec_flag_help_is_its_fields_description_and_default():
+    from labctl.shared.spec import JobSpec
+
+    options = {p.name.removeprefix("spec__"): p for p in cli.get_command(None, "run").params
+               if p.name.startswith("spec__") and p.name != "spec__tags"}
+    assert options
+    for field, option in options.items():
+        info = JobSpec.model_fields[field]
+        assert option.help.startswith(info.description.rstrip(".")), field
+        if isinstance(info.default, bool):
+            assert option.help.endswith("[on]" if info.default else "[off]"), field
+        elif info.default is not None:
+            assert option.help.endswith(f"[{info.default}]"), field

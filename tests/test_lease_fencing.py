@@ -114,7 +114,8 @@ def test_a_resumed_attempt_backfills_the_epoch_line_its_predecessor_never_logged
     rows = [{"epoch": e, "train_loss": 1.0, "test_loss": 1.0, "test_accuracy": 0.5,
              "test_f1_macro": 0.5, "epoch_seconds": 1.0, "images_per_second": 9.0}
             for e in (1, 2)]
-    records.append_log(job_id, "attempt 1 started on w1", epoch_line(rows[0], 2))
+    # As the first attempt's reporter wrote it: the line, and that epoch 1 reached the log.
+    records.append_log(job_id, "attempt 1 started on w1", epoch_line(rows[0], 2), epochs=[1])
     reporter_for(records, job_id, CURRENT).on_start(
         job_id, SPEC, {"start_epoch": 2, "finished_rows": rows})
     log = records.read_log(job_id)

@@ -260,9 +260,24 @@ def test_queue_depth_reports_redis_down_without_failing_the_scrape():
 def test_queue_collector_does_not_touch_redis_when_registered():
     from prometheus_client import CollectorRegistry
 
+    class NoRedis:
+        """Records any use of the client."""
+
+        def __init__(self):
+            self.used: list[str] = []
+
+        def __getattr__(self, name):
+            self.used.append(name)
+            raise AssertionError(f"registering called redis .{name}")
+
     collector = m.QueueDepthCollector("redis://127.0.0.1:1/0")
-    collector.client = None  # any call would raise AttributeError
-    CollectorRegistry().register(collector)
+    collector.client = NoRedis()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    assert collector.client.used == []
+    # Registered under its names, known from describe() alone:
+    assert {family.name for family in collector.describe()} <= set(
+        registry._get_names(collector))
 
 
 def _fake_torch(initialised: bool, calls: list[str]):

@@ -8,6 +8,7 @@ same way, so checkpoints, metrics, cancel and resume behave identically for both
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,3 +90,11 @@ class Engine(Protocol):
         """Restore state and return the epoch the checkpoint was taken after."""
 
     def save_weights(self, path: Path) -> None: ...
+
+
+def seed_global_generators(seed: int) -> None:
+    """Python's and NumPy's global generators, for any library that draws from them. Each
+    engine seeds its own streams too (torch's in the torch engine), so a numpy-cnn job never
+    imports torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)

@@ -10,7 +10,6 @@ answers again.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +17,11 @@ from typing import Any
 
 import redis
 
-from labctl.shared.records import JobRecords, now_iso
+from labctl.shared.records import JobRecords, utc_now
 from labctl.shared.spec import JobSpec
 from labctl.worker.engine import JobCancelled
 from labctl.worker.reaper import Heartbeat
-from labctl.worker.runner import Reporter, epoch_line, outcome_line
+from labctl.worker.runner import Reporter, ReporterWrapper, epoch_line, outcome_line
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,6 @@ def record_summary(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: summary[k] for k in ("final", "best", "total_seconds") if k in summary} or None
 
 
-#: "epoch 3/10 train_loss=..." as written by ``epoch_line``.
-_EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+ ")
-
-
 class QueueReporter(Reporter):
     def __init__(self, records: JobRecords, job_id: str, owner: str, heartbeat: Heartbeat,
                  *, clock: Callable[[], float] = time.monotonic):
@@ -71,7 +66,8 @@ class QueueReporter(Reporter):
         self.epochs = 0
         self._clock = clock
         self._last_poll = clock()
-        self._pending_lines: list[str] = []
+        #: (line, the epoch it reports or None), not yet in Redis.
+        self._pending_lines: list[tuple[str, int | None]] = []
 
     # --- Reporter hooks ------------------------------------------------------------------
 
@@ -109,14 +105,14 @@ class QueueReporter(Reporter):
             raise JobReleased("lease lost to another attempt", lost=True)
 
     def on_epoch(self, row: dict[str, Any]) -> None:
-        self._log(epoch_line(row, self.epochs))
-        self._update(epoch=row["epoch"], metrics=row, updated_at=now_iso())
+        self._log(epoch_line(row, self.epochs), epoch=row["epoch"])
+        self._update(epoch=row["epoch"], metrics=row, updated_at=utc_now())
 
     def on_end(self, state: str, result: dict[str, Any]) -> None:
         self.heartbeat.stop()  # before the final write, which ends the lease
         error = result.get("error")
         self._log(outcome_line(state, error, result.get("summary")))
-        fields = {"state": state, "error": error, "finished_at": now_iso(),
+        fields = {"state": state, "error": error, "finished_at": utc_now(),
                   "summary": record_summary(result.get("summary"))}
         deadline = self._clock() + FINAL_WRITE_SECONDS
         while True:
@@ -142,16 +138,15 @@ class QueueReporter(Reporter):
         line died with it in a Redis outage) left that epoch out of `labctl logs`; the
         resumed attempt will not re-run it, so it writes the line from metrics.jsonl."""
         try:
-            logged = {int(m[1]) for line in self.records.read_log(self.job_id)
-                      if (m := _EPOCH_LINE.match(line))}
+            logged = self.records.logged_epochs(self.job_id)
         except redis.RedisError:
             return  # a log with a gap beats a job held up by its log
         for row in rows:
             if row["epoch"] not in logged:
-                self._pending_lines.append(epoch_line(row, self.epochs))
+                self._pending_lines.append((epoch_line(row, self.epochs), row["epoch"]))
 
-    def _log(self, line: str) -> None:
-        self._pending_lines.append(line)
+    def _log(self, line: str, *, epoch: int | None = None) -> None:
+        self._pending_lines.append((line, epoch))
         try:
             self._flush_lines()
         except redis.RedisError as exc:
@@ -160,7 +155,9 @@ class QueueReporter(Reporter):
 
     def _flush_lines(self) -> None:
         if self._pending_lines:
-            self.records.append_log(self.job_id, *self._pending_lines)
+            self.records.append_log(
+                self.job_id, *(line for line, _ in self._pending_lines),
+                epochs=[epoch for _, epoch in self._pending_lines if epoch is not None])
             self._pending_lines.clear()
 
     def _update(self, **fields: Any) -> None:
@@ -172,32 +169,14 @@ class QueueReporter(Reporter):
                         self.job_id, exc)
 
 
-class GuardedReporter(Reporter):
+class GuardedReporter(ReporterWrapper):
     """Wraps a reporter we do not own (metrics): its bugs are logged, never fail a job."""
 
     def __init__(self, inner: Reporter):
         self.inner = inner
 
-    def _call(self, hook: str, *args: Any) -> None:
+    def _dispatch(self, hook: str, *args: Any) -> None:
         try:
             getattr(self.inner, hook)(*args)
         except Exception:
             log.exception("%s.%s failed", type(self.inner).__name__, hook)
-
-    def on_start(self, job_id, spec, info):
-        self._call("on_start", job_id, spec, info)
-
-    def on_batch(self, epoch, batch, num_batches):
-        self._call("on_batch", epoch, batch, num_batches)
-
-    def before_save(self, epoch):
-        self._call("before_save", epoch)
-
-    def on_epoch(self, row):
-        self._call("on_epoch", row)
-
-    def on_end(self, state, result):
-        self._call("on_end", state, result)
-
-    def close(self):
-        self._call("close")

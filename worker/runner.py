@@ -9,7 +9,6 @@ it in a worker. It owns the job folder: spec, status, metrics, checkpoints, plot
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 import traceback
@@ -28,6 +27,7 @@ from labctl.worker.engine import (
     JobCancelled,
     TrainingDiverged,
     check_not_diverged,
+    seed_global_generators,
 )
 from labctl.worker.evaluation import accuracy, confusion_matrix, f1_macro, per_class_accuracy
 
@@ -56,35 +56,41 @@ class Reporter:
         """The job left this process without ending (handed back to the queue)."""
 
 
-class Reporters(Reporter):
+class ReporterWrapper(Reporter):
+    """A reporter that hands every hook to :meth:`_dispatch`: the one place that lists the
+    hooks for reporters that wrap others."""
+
+    def _dispatch(self, hook: str, *args: Any) -> None:
+        raise NotImplementedError
+
+    def on_start(self, job_id, spec, info):
+        self._dispatch("on_start", job_id, spec, info)
+
+    def on_batch(self, epoch, batch, num_batches):
+        self._dispatch("on_batch", epoch, batch, num_batches)
+
+    def before_save(self, epoch):
+        self._dispatch("before_save", epoch)
+
+    def on_epoch(self, row):
+        self._dispatch("on_epoch", row)
+
+    def on_end(self, state, result):
+        self._dispatch("on_end", state, result)
+
+    def close(self):
+        self._dispatch("close")
+
+
+class Reporters(ReporterWrapper):
     """Fan one event out to several reporters, in order."""
 
     def __init__(self, *reporters: Reporter | None):
         self.reporters = [r for r in reporters if r is not None]
 
-    def on_start(self, job_id, spec, info):
-        for r in self.reporters:
-            r.on_start(job_id, spec, info)
-
-    def on_batch(self, epoch, batch, num_batches):
-        for r in self.reporters:
-            r.on_batch(epoch, batch, num_batches)
-
-    def before_save(self, epoch):
-        for r in self.reporters:
-            r.before_save(epoch)
-
-    def on_epoch(self, row):
-        for r in self.reporters:
-            r.on_epoch(row)
-
-    def on_end(self, state, result):
-        for r in self.reporters:
-            r.on_end(state, result)
-
-    def close(self):
-        for r in self.reporters:
-            r.close()
+    def _dispatch(self, hook: str, *args: Any) -> None:
+        for reporter in self.reporters:
+            getattr(reporter, hook)(*args)
 
 
 @dataclass
@@ -96,13 +102,6 @@ class RunOutcome:
     #: why it did not succeed: "input" (bad spec or data: the user's to fix), "diverged",
     #: "crash", "cancelled"; None on success
     failure: str | None = None
-
-
-def seed_global_generators(seed: int) -> None:
-    """Python's and NumPy's global generators, for any library that draws from them. Each
-    engine seeds its own streams (torch's included), so a numpy-cnn job never imports torch."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
 
 
 def build_engine(spec: JobSpec) -> Engine:

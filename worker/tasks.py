@@ -18,7 +18,7 @@ from celery.exceptions import Reject
 
 from labctl.shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
 from labctl.shared.jobstate import is_terminal
-from labctl.shared.records import JobRecords, now_iso
+from labctl.shared.records import JobRecords, utc_now
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
 from labctl.worker.app import TASK_NAME, app
@@ -98,7 +98,7 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         # end), so the reaper requeued it: the folder is the truth; do not train it again.
         summary = _read_or_none(store.job(job_id).read_summary)
         records.update_owned(job_id, owner, state=ended["state"], error=ended.get("error"),
-                             finished_at=ended.get("finished_at") or now_iso(),
+                             finished_at=ended.get("finished_at") or utc_now(),
                              summary=record_summary(summary))
         log.warning("job %s had already ended %s; record corrected", job_id, ended["state"])
         return {"job_id": job_id, "attempt": attempt, "skipped": "ended"}
@@ -111,7 +111,7 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
                             "dataset files")
     except SpecError as exc:
         error = f"invalid spec: {exc}"
-        records.update_owned(job_id, owner, state="failed", error=error, finished_at=now_iso())
+        records.update_owned(job_id, owner, state="failed", error=error, finished_at=utc_now())
         records.append_log(job_id, f"failed: {error}")
         log.error("job %s rejected: %s", job_id, error)
         raise Reject(error, requeue=False) from None

@@ -24,7 +24,14 @@ from torch.utils.data import DataLoader
 from labctl.shared.artifacts import atomic_path
 from labctl.shared.spec import JobSpec, SpecError
 from labctl.worker.data import build_torch_datasets
-from labctl.worker.engine import BatchCallback, DataError, EvalResult, TrainingDiverged, TrainResult
+from labctl.worker.engine import (
+    BatchCallback,
+    DataError,
+    EvalResult,
+    TrainingDiverged,
+    TrainResult,
+    seed_global_generators,
+)
 from labctl.worker.resnet import load_init_weights, resnet50
 from labctl.worker.torch_optim import apply_schedule, build_optimizer, build_scheduler
 
@@ -50,8 +57,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    seed_global_generators(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 

@@ -63,8 +63,8 @@ def sweep_command(manifest: dict[str, Any]) -> str:
     """The ``labctl sweep`` line that reproduces a manifest's grid."""
     from labctl.cli.spec_options import BOOL_FLAGS, VALUE_FLAGS
 
-    value_flag = {field: decls[0] for decls, field, _ in VALUE_FLAGS}
-    bool_flag = {field: decl.split("/") for decl, field, _ in BOOL_FLAGS}
+    value_flag = {field: decls[0] for decls, field in VALUE_FLAGS}
+    bool_flag = {field: decl.split("/") for decl, field in BOOL_FLAGS}
     words = ["labctl", "sweep"]
     grid = dict(manifest.get("grid", {}))
     seeds = manifest.get("seeds")
