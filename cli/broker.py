@@ -13,7 +13,7 @@ from typing import Any
 import redis
 
 from labctl.cli.errors import EXIT_USAGE, BadSpec, BrokerUnavailable, LabctlError, NotFound
-from labctl.shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
+from labctl.shared.artifacts import ArtifactStore, InvalidJobId, JobFolder, validate_job_id
 from labctl.shared.records import JobRecords, connect
 from labctl.shared.settings import get_settings, redact_url, url_host
 
@@ -95,6 +95,21 @@ def submit_or_exit(spec, records: JobRecords) -> str:
         if isinstance(exc.__cause__, OperationalError | redis.ConnectionError | OSError):
             raise unavailable(exc.__cause__) from None
         raise LabctlError(str(exc)) from None
+
+
+def find_job(job_id: str) -> tuple[JobRecords | None, JobFolder | None]:
+    """Where to read a job: ``(records, None)`` when Redis has its record, else ``(None,
+    folder)`` when its folder is on this host (a ``labctl run`` job, or Redis unreachable).
+    Raises :class:`NotFound` when neither has it. Shared by ``status`` and ``logs``."""
+    records = open_records_unless_local(job_id)
+    if records is not None:
+        with broker_errors():
+            if records.state(job_id) is not None:
+                return records, None
+    folder = ArtifactStore(get_settings().artifacts_dir).job(job_id)
+    if not folder.exists():
+        raise NotFound(f"no job {job_id}")
+    return None, folder
 
 
 def open_records_unless_local(job_id: str) -> JobRecords | None:

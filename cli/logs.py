@@ -8,12 +8,10 @@ from collections.abc import Callable
 
 import click
 
-from labctl.cli.broker import broker_errors, checked_job_id, open_records_unless_local
-from labctl.cli.errors import BrokerUnavailable, NotFound
-from labctl.shared.artifacts import ArtifactStore
+from labctl.cli.broker import broker_errors, checked_job_id, find_job
+from labctl.cli.errors import BrokerUnavailable
 from labctl.shared.jobstate import TERMINAL_STATES
 from labctl.shared.records import JobRecords
-from labctl.shared.settings import get_settings
 
 #: How often --follow / --wait ask Redis; a few cheap reads a second.
 POLL_SECONDS = 0.25
@@ -57,18 +55,11 @@ def follow_log(records: JobRecords, job_id: str, emit: Callable[[str], None], *,
 def logs(job_id: str, follow: bool, as_json: bool) -> None:
     """Print a job's log: one line per epoch, plus starts, resumes and the outcome."""
     job_id = checked_job_id(job_id)
-    records = open_records_unless_local(job_id)
-    state = None
-    if records is not None:
-        with broker_errors():
-            state = records.state(job_id)
+    records, folder = find_job(job_id)
     lines: list[str] = []
     emit = lines.append if as_json else click.echo
-    if state is None:
-        # A job run with `labctl run` has no record; its folder may still be here.
-        folder = ArtifactStore(get_settings().artifacts_dir).job(job_id)
-        if not folder.exists():
-            raise NotFound(f"no job {job_id}")
+    if folder is not None:
+        # A job run with `labctl run` has no record; its folder is read instead.
         state = folder.read_status().get("state")
         for line in folder.read_log():
             emit(line)

@@ -7,10 +7,8 @@ from typing import Any
 
 import click
 
-from labctl.cli.broker import broker_errors, checked_job_id, open_records_unless_local
+from labctl.cli.broker import broker_errors, checked_job_id, find_job
 from labctl.cli.errors import NotFound
-from labctl.shared.artifacts import ArtifactStore
-from labctl.shared.settings import get_settings
 
 #: Always present in --json output, even before the worker filled them in.
 REQUIRED_KEYS = ("id", "state", "epoch", "epochs", "metrics", "error", "artifacts")
@@ -18,17 +16,16 @@ REQUIRED_KEYS = ("id", "state", "epoch", "epochs", "metrics", "error", "artifact
 
 def load_status(job_id: str) -> dict[str, Any]:
     """The job's record; for a job never queued (``labctl run``), its folder's status.json."""
-    records = open_records_unless_local(job_id)
-    record = None
+    records, folder = find_job(job_id)
     if records is not None:
         with broker_errors():
             record = records.get(job_id)
-    if record is None:
-        folder = ArtifactStore(get_settings().artifacts_dir).job(job_id)
-        record = folder.read_status() if folder.exists() else None
-        if not record:
-            raise NotFound(f"no job {job_id}")
-        record.setdefault("artifacts", str(folder.path))
+    else:
+        record = folder.read_status()
+        if record:
+            record.setdefault("artifacts", str(folder.path))
+    if not record:
+        raise NotFound(f"no job {job_id}")
     for key in REQUIRED_KEYS:
         record.setdefault(key, None)
     return record

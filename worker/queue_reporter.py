@@ -17,9 +17,11 @@ from typing import Any
 
 import redis
 
-from labctl.shared.records import JobRecords, utc_now
+from labctl.shared.artifacts import utc_now
+from labctl.shared.records import JobRecords
 from labctl.shared.spec import JobSpec
 from labctl.worker.engine import JobCancelled
+from labctl.worker.lifecycle import record_summary
 from labctl.worker.reaper import Heartbeat
 from labctl.worker.runner import Reporter, ReporterWrapper, epoch_line, outcome_line
 
@@ -50,12 +52,6 @@ def request_handback(reason: str) -> None:
     Safe from a signal handler: it only sets a flag."""
     _handback_reason[0] = reason
     _handback.set()
-
-
-def record_summary(summary: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The part of summary.json the job record keeps (the rest stays in the folder)."""
-    summary = summary or {}
-    return {k: summary[k] for k in ("final", "best", "total_seconds") if k in summary} or None
 
 
 class QueueReporter(Reporter):

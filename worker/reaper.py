@@ -23,6 +23,7 @@ import redis
 from labctl.shared.artifacts import ArtifactStore
 from labctl.shared.records import MAX_WORKER_LOSSES, JobRecords, connect
 from labctl.shared.settings import get_settings
+from labctl.worker.lifecycle import mirror_record_end
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,6 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
-
-
-def mirror_record_end(records: JobRecords, store: ArtifactStore, job_id: str) -> None:
-    """Write the record's end into the job's folder when no runner did (the reaper decided
-    it, or a cancel reached the job while it waited to be requeued)."""
-    try:
-        record = records.get(job_id) or {}
-    except redis.RedisError:
-        return  # the folder keeps its state; the record stays the truth
-    if store.job(job_id).mirror_end(record):
-        log.info("job %s: folder status set to %s, as its record says", job_id, record["state"])
 
 
 class Reaper(threading.Thread):

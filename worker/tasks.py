@@ -16,14 +16,14 @@ from typing import Any
 import redis
 from celery.exceptions import Reject
 
-from labctl.shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
-from labctl.shared.jobstate import is_terminal
-from labctl.shared.records import JobRecords, utc_now
+from labctl.shared.artifacts import ArtifactStore, InvalidJobId, utc_now, validate_job_id
+from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
 from labctl.worker.app import TASK_NAME, app
-from labctl.worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter, record_summary
-from labctl.worker.reaper import Heartbeat, mirror_record_end, send_job, worker_records
+from labctl.worker.lifecycle import end_recorded_in_folder, mirror_record_end
+from labctl.worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter
+from labctl.worker.reaper import Heartbeat, send_job, worker_records
 from labctl.worker.runner import Reporter, Reporters, run_job
 
 log = logging.getLogger(__name__)
@@ -92,15 +92,9 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
             mirror_record_end(records, store, job_id)
         return {"job_id": job_id, "attempt": attempt, "skipped": claimed}
     log.info("job %s attempt %d claimed by %s", job_id, attempt, hostname)
-    ended = _ended_in_its_folder(store, job_id)
-    if ended is not None:
-        # A previous attempt ended the job but could not tell Redis (an outage at the very
-        # end), so the reaper requeued it: the folder is the truth; do not train it again.
-        summary = _read_or_none(store.job(job_id).read_summary)
-        records.update_owned(job_id, owner, state=ended["state"], error=ended.get("error"),
-                             finished_at=ended.get("finished_at") or utc_now(),
-                             summary=record_summary(summary))
-        log.warning("job %s had already ended %s; record corrected", job_id, ended["state"])
+    # A previous attempt may have ended the job but not told Redis (an outage at the very
+    # end), so the reaper requeued it: the folder is the truth; do not train it again.
+    if end_recorded_in_folder(records, store, job_id, owner) is not None:
         return {"job_id": job_id, "attempt": attempt, "skipped": "ended"}
     records.append_log(job_id, f"attempt {attempt} started on {hostname}")
 
@@ -117,19 +111,6 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         raise Reject(error, requeue=False) from None
 
     return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
-
-
-def _ended_in_its_folder(store: ArtifactStore, job_id: str) -> dict[str, Any] | None:
-    """status.json of a job that already reached a final state, else None."""
-    status = _read_or_none(store.job(job_id).read_status) or {}
-    return status if is_terminal(status.get("state")) else None
-
-
-def _read_or_none(read: Any) -> Any:
-    try:
-        return read()
-    except (OSError, ValueError):  # unreadable or corrupt: as if it were not there
-        return None
 
 
 def _retrying(call, seconds: float = CLAIM_RETRY_SECONDS):
