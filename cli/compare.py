@@ -6,6 +6,11 @@ import json
 
 import click
 
+from labctl.cli.analysis.grouping import BadField
+from labctl.cli.analysis.pipeline import NothingToCompare, analyse
+from labctl.cli.analysis.runs import RunNotFound
+from labctl.cli.analysis.stats import describe_test
+from labctl.cli.analysis.tables import comparison_rows, render_text
 from labctl.cli.errors import BadSpec, LabctlError, NotFound
 from labctl.cli.run import artifacts_dir_option
 from labctl.shared.settings import get_settings
@@ -13,10 +18,6 @@ from labctl.shared.settings import get_settings
 
 def load_analysis(refs: tuple[str, ...], artifacts_dir: str | None, by: str):
     """The shared front half of compare and report, with CLI errors and exit codes."""
-    from labctl.cli.analysis.grouping import BadField
-    from labctl.cli.analysis.pipeline import NothingToCompare, analyse
-    from labctl.cli.analysis.runs import RunNotFound
-
     root = artifacts_dir or get_settings().artifacts_dir
     try:
         analysis = analyse(list(refs), root, by)
@@ -47,9 +48,6 @@ def compare(refs: tuple[str, ...], artifacts_dir: str | None, by: str, output: s
     time per epoch and throughput; mean ± std across seeds; and a paired significance test
     (runs matched by seed) of the difference between the compared groups.
     """
-    from labctl.cli.analysis.stats import describe_test
-    from labctl.cli.analysis.tables import comparison_rows, render_text
-
     analysis = load_analysis(refs, artifacts_dir, by)
     if output:
         from labctl.cli.analysis.plotting import plot_curves

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from labctl.cli.analysis.environment import environment
+from labctl.cli.analysis.report_writer import ReportInputs, write_report
+from labctl.cli.analysis.speed import benchmark_sections
 from labctl.cli.compare import load_analysis
 from labctl.cli.errors import BadSpec
 from labctl.cli.run import artifacts_dir_option
@@ -34,10 +37,6 @@ def report(refs: tuple[str, ...], out_dir: str, artifacts_dir: str | None, by: s
     comparison table and significance test with a plain-language conclusion, the speed
     table, the best run's confusion matrix, the environment and how to reproduce it.
     """
-    from labctl.cli.analysis.environment import environment
-    from labctl.cli.analysis.report_writer import ReportInputs, write_report
-    from labctl.cli.analysis.speed import benchmark_sections
-
     analysis = load_analysis(refs, artifacts_dir, by)
     inputs = ReportInputs(analysis=analysis, refs=list(refs), environment=environment(),
                           command=_command_line(refs, out_dir, artifacts_dir, by, measure))

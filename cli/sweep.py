@@ -12,6 +12,9 @@ import sys
 
 import click
 
+from labctl.cli.analysis.grid import GridError, combinations, split_values
+from labctl.cli.analysis.manifest import new_sweep_id, thread_env, write_manifest
+from labctl.cli.broker import open_records, submit_or_exit
 from labctl.cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed
 from labctl.cli.foreground import run_in_foreground
 from labctl.cli.run import artifacts_dir_option, checked_for_this_host
@@ -19,14 +22,13 @@ from labctl.cli.spec_options import spec_options, to_spec
 from labctl.shared.artifacts import ArtifactStore, new_job_id
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import JobSpec
+from labctl.worker.runner import KeyboardInterruptWithOutcome
 
 
 def build_grid(spec_values: dict, seeds: int | None, sweep_id: str
                ) -> tuple[dict, dict[str, list], list[tuple[dict, JobSpec]]]:
     """Validate every spec of the grid before anything is submitted or run: a typo in the
     third value must not leave a half-submitted sweep."""
-    from labctl.cli.analysis.grid import GridError, combinations, split_values
-
     try:
         base, raw_grid = split_values(spec_values, seeds)
     except GridError as exc:
@@ -58,8 +60,6 @@ def sweep(spec_values: dict, seeds: int | None, local: bool, artifacts_dir: str 
 
     Example: labctl sweep --model numpy-cnn --dataset digits --opt adam,adamax --seeds 3
     """
-    from labctl.cli.analysis.manifest import new_sweep_id, thread_env, write_manifest
-
     sweep_id = new_sweep_id()
     base, grid, jobs = build_grid(spec_values, seeds, sweep_id)
     root = artifacts_dir or get_settings().artifacts_dir
@@ -109,8 +109,6 @@ def _print_ids(sweep_id: str, entries: list[dict]) -> None:
 def _run_locally(root: str, entries: list[dict], specs: list[JobSpec]) -> dict[str, str]:
     """Run each job to its end; job id -> final state. A failed job does not stop the rest.
     States stay out of the manifest: each job's status.json is the one place for them."""
-    from labctl.worker.runner import KeyboardInterruptWithOutcome
-
     store = ArtifactStore(root)
     states = {}
     for n, (entry, spec) in enumerate(zip(entries, specs, strict=True), start=1):
@@ -131,8 +129,6 @@ def _run_locally(root: str, entries: list[dict], specs: list[JobSpec]) -> dict[s
 def _submit_all(jobs: list[tuple[dict, JobSpec]], entries: list[dict], save) -> str:
     """Queue every job. If the broker fails half-way, the manifest still lists the jobs
     already queued (so they stay findable) before the error exits 69."""
-    from labctl.cli.broker import open_records, submit_or_exit
-
     records = open_records()  # exit 69 here, before anything is queued
     try:
         for params, spec in jobs:
