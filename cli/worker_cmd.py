@@ -80,7 +80,7 @@ def check_port_free(port: int) -> None:
 
 def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
                     hostname: str) -> None:
-    # The worker_init hook in worker.app reads the port from the settings.
+    # The worker_init hook in labctl.worker.app reads the port from the settings.
     if metrics_port is not None:
         os.environ["LABCTL_METRICS_PORT"] = str(metrics_port)
         get_settings.cache_clear()

@@ -305,7 +305,7 @@ def test_sigterm_hands_the_running_job_back_to_the_queue(stack):
 
 
 def test_plain_celery_worker_uses_the_solo_pool_and_runs_jobs(stack, tmp_path):
-    """`celery -A worker.app worker`, without labctl's flags, must not fall back to prefork."""
+    """`celery -A labctl.worker.app worker`, without labctl's flags, must not use prefork."""
     import os
     import subprocess
     import sys

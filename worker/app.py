@@ -1,4 +1,5 @@
-"""The Celery app: ``celery -A worker.app worker --pool solo -Q cpu,gpu`` (or ``labctl worker``).
+"""The workers' Celery app: ``celery -A labctl.worker.app worker -Q cpu,gpu``, or ``labctl
+worker``.
 
 Only workers import this module; senders use ``labctl.shared.celery_config``, which holds the
 task name, the queues and the configuration both sides share. The task module is listed in
