@@ -25,8 +25,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from labctl.shared.jobstate import is_terminal
-
 #: ``20261128-201500-a1b2c3``: sorts by creation time, unique enough, safe in a path.
 JOB_ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 
@@ -161,22 +159,6 @@ class JobFolder:
 
     def read_summary(self) -> dict[str, Any] | None:
         return read_json(self.summary_path)
-
-    def mirror_end(self, record: dict[str, Any]) -> bool:
-        """Copy a record's final state into status.json when something other than the runner
-        ended the job (the reaper, a cancel while it waited to be requeued), so the folder
-        does not say "running" forever. Only a folder that exists and has not ended itself
-        is touched; returns whether it was."""
-        if not is_terminal(record.get("state")) or not self.exists():
-            return False
-        try:
-            if is_terminal(self.read_status().get("state")):
-                return False
-            self.update_status(state=record["state"], error=record.get("error"),
-                               finished_at=record.get("finished_at") or utc_now())
-        except (OSError, ValueError):  # unwritable or corrupt: the record stays the truth
-            return False
-        return True
 
     def update_status(self, **fields: Any) -> dict[str, Any]:
         status = self.read_status()

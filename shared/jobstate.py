@@ -34,10 +34,6 @@ class JobState(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_STATES
-
 
 #: Every state, in lifecycle order (``labctl list --state`` offers them in this order).
 STATES: tuple[JobState, ...] = tuple(JobState)

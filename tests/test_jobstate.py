@@ -30,7 +30,7 @@ def keys(typed: type) -> set[str]:
 def test_states_and_terminal_states():
     assert [str(s) for s in STATES] == ["queued", "running", "succeeded", "failed",
                                         "cancelled"]
-    assert {s for s in STATES if s.is_terminal} == TERMINAL_STATES
+    assert {s for s in STATES if is_terminal(s)} == TERMINAL_STATES
     assert is_terminal("failed") and not is_terminal("running") and not is_terminal(None)
     assert json.dumps(JobState.CANCELLED) == '"cancelled"'  # stored in records as plain JSON
 

@@ -190,13 +190,14 @@ def test_the_reaper_writes_the_end_it_decides_into_the_folder(records, labctl_en
 
 def test_mirror_end_never_overrides_an_end_the_folder_recorded(tmp_path):
     from labctl.shared.artifacts import ArtifactStore
+    from labctl.worker.lifecycle import mirror_end_into_folder
 
     store = ArtifactStore(tmp_path)
     done = store.job(new_job_id()).create()
     done.update_status(state="succeeded")
-    assert not done.mirror_end({"state": "failed", "error": "late reaper"})
+    assert not mirror_end_into_folder(done, {"state": "failed", "error": "late reaper"})
     assert done.read_status()["state"] == "succeeded"
-    assert not store.job(new_job_id()).mirror_end({"state": "cancelled"})  # no folder: none
+    assert not mirror_end_into_folder(store.job(new_job_id()), {"state": "cancelled"})  # none
     running = store.job(new_job_id()).create()
     running.update_status(state="running")
-    assert not running.mirror_end({"state": "running"})  # nothing has ended
+    assert not mirror_end_into_folder(running, {"state": "running"})  # nothing has ended

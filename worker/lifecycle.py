@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from labctl.shared.artifacts import ArtifactStore, utc_now
+from labctl.shared.artifacts import ArtifactStore, JobFolder, utc_now
 from labctl.shared.jobstate import is_terminal
 from labctl.shared.records import JobRecords
 
@@ -53,8 +53,24 @@ def mirror_record_end(records: JobRecords, store: ArtifactStore, job_id: str) ->
         record = records.get(job_id) or {}
     except redis.RedisError:
         return  # the folder keeps its state; the record stays the truth
-    if store.job(job_id).mirror_end(record):
+    if mirror_end_into_folder(store.job(job_id), record):
         log.info("job %s: folder status set to %s, as its record says", job_id, record["state"])
+
+
+def mirror_end_into_folder(folder: JobFolder, record: dict[str, Any]) -> bool:
+    """Copy a record's end into ``folder``'s status.json, so the folder does not say
+    "running" forever. Only a folder that exists and has not ended itself is touched;
+    returns whether it was."""
+    if not is_terminal(record.get("state")) or not folder.exists():
+        return False
+    try:
+        if is_terminal(folder.read_status().get("state")):
+            return False
+        folder.update_status(state=record["state"], error=record.get("error"),
+                             finished_at=record.get("finished_at") or utc_now())
+    except (OSError, ValueError):  # unwritable or corrupt: the record stays the truth
+        return False
+    return True
 
 
 def _read_or_none(read: Any) -> Any:
