@@ -6,6 +6,8 @@ import click
 
 from labctl.cli.broker import broker_errors, checked_job_id, open_records
 from labctl.cli.errors import NotFound
+from labctl.shared import lifecycle
+from labctl.shared.jobstate import JobState
 
 
 @click.command("cancel")
@@ -15,12 +17,12 @@ def cancel(job_id: str) -> None:
     job_id = checked_job_id(job_id)
     records = open_records()
     with broker_errors():
-        found = records.request_cancel(job_id)
+        found = lifecycle.cancel(records, job_id)
     if found == "missing":
         raise NotFound(f"no job {job_id}")
-    if found == "queued":
+    if found == JobState.QUEUED:
         click.echo(f"cancelled job {job_id}; it will not start", err=True)
-    elif found == "running":
+    elif found == JobState.RUNNING:
         click.echo(f"cancelling job {job_id}: it stops after its current batch "
                    f"(labctl status {job_id})", err=True)
     else:

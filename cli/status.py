@@ -9,6 +9,7 @@ import click
 
 from labctl.cli.broker import broker_errors, checked_job_id, find_job
 from labctl.cli.errors import NotFound
+from labctl.shared.jobstate import JobState
 
 #: Always present in --json output, even before the worker filled them in.
 REQUIRED_KEYS = ("id", "state", "epoch", "epochs", "metrics", "error", "artifacts")
@@ -55,7 +56,7 @@ def describe(record: dict[str, Any]) -> list[tuple[str, str]]:
     for key in stamps:
         if record.get(key):
             rows.append((key.removesuffix("_at").replace("_", " "), record[key]))
-    if record.get("cancel_requested") and record["state"] == "running":
+    if record.get("cancel_requested") and record["state"] == JobState.RUNNING:
         rows.append(("cancel", "requested; stops after the current batch"))
     if record.get("error"):
         rows.append(("error", record["error"]))

@@ -2,16 +2,17 @@
 
 A job's state lives in two stores, each authoritative for its own fields:
 
-=====================  ===========================================  ====================
-store                  authoritative for                            written by
-=====================  ===========================================  ====================
-Redis record           the queue's view: state, attempts, owner and  ``shared.records``
-(``labctl:job:<id>``)  lease, worker, timestamps, cancel request,    (Lua scripts; the
-                       the epoch log, the end as the queue saw it    only writer)
-job folder             what was trained: rows (``metrics.jsonl``),  ``shared.artifacts``
-(``status.json``,      checkpoint, final artefacts, and the end as  (``JobFolder``; the
-``summary.json`` ...)  the training run saw it                       only writer)
-=====================  ===========================================  ====================
+=====================  ===========================================  ======================
+store                  authoritative for                            state changed only by
+=====================  ===========================================  ======================
+Redis record           the queue's view: state, attempts, owner and  ``shared.lifecycle``
+(``labctl:job:<id>``)  lease, worker, timestamps, cancel request,    (through the Lua
+                       the epoch log, the end as the queue saw it    scripts of
+                                                                    ``shared.records``)
+job folder             what was trained: rows (``metrics.jsonl``),  ``shared.lifecycle``
+(``status.json``,      checkpoint, final artefacts, and the end as  (status.json); the
+``summary.json`` ...)  the training run saw it                       runner writes the rest
+=====================  ===========================================  ======================
 
 When they disagree about how a job ended, the folder wins if it recorded an end (it was
 written by the run itself, just before its record); otherwise the record's end is mirrored

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from labctl.shared import lifecycle
 from labctl.shared.artifacts import new_job_id, validate_job_id
 from labctl.shared.records import JobRecords, connect
 from labctl.shared.settings import get_settings
@@ -41,11 +42,11 @@ def submit_job(spec: JobSpec, *, records: JobRecords | None = None, app: Any = N
     records = records or JobRecords(connect(get_settings().redis_url))
     job_id = validate_job_id(job_id) if job_id else new_job_id()
     queue = queue or route_for(spec)
-    records.create(job_id, spec, queue)
+    lifecycle.queued(records, job_id, spec, queue)
     try:
         enqueue(job_id, spec.model_dump(mode="json"), attempt=1, queue=queue, app=app)
     except Exception as exc:
-        records.fail_unclaimed(job_id, f"could not be queued: {type(exc).__name__}: {exc}")
+        lifecycle.unsent(records, job_id, f"could not be queued: {type(exc).__name__}: {exc}")
         raise SubmitError(f"job {job_id} could not be queued: {exc}") from exc
     return job_id
 

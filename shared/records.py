@@ -14,8 +14,9 @@ Other keys:
                                 after the last heartbeat, measured by Redis' clock alone
 - ``labctl:job:<id>:log``       list of epoch lines (``labctl logs``, no shared volume needed)
 
-States: queued -> running -> succeeded | failed | cancelled, and running -> queued when the
-reaper requeues a job whose worker died (``attempts`` counts the dispatches).
+This module is the storage: how each step is made atomic. When a step is taken, and what
+follows from it in the job folder, is decided by ``shared.lifecycle``, the only caller of
+the methods that write (``tests/test_lifecycle.py`` checks it).
 
 This module never imports torch or Celery: the CLI reads records without paying for either.
 """
@@ -26,14 +27,14 @@ import json
 import time
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from labctl.shared.artifacts import utc_now, validate_job_id
-from labctl.shared.jobstate import TERMINAL_STATES
+from labctl.shared.jobstate import TERMINAL_STATES, JobRecord
 from labctl.shared.spec import JobSpec
 
 #: A job whose worker died this many times is failed instead of requeued again: a job that
@@ -94,6 +95,13 @@ def _decode(raw: dict[str, str]) -> dict[str, Any]:
         except json.JSONDecodeError:  # a field someone set by hand: show it as it is
             out[key] = value
     return out
+
+
+def _public(raw: dict[str, str]) -> JobRecord:
+    record = _decode(raw)
+    for field in INTERNAL_FIELDS:
+        record.pop(field, None)
+    return cast(JobRecord, record)
 
 
 def _flat(fields: dict[str, Any]) -> list[str]:
@@ -223,10 +231,10 @@ class JobRecords:
 
     # --- creation and reading ------------------------------------------------------------
 
-    def create(self, job_id: str, spec: JobSpec, queue: str) -> dict[str, Any]:
+    def create(self, job_id: str, spec: JobSpec, queue: str) -> JobRecord:
         """The record of a job about to be sent to ``queue`` (attempt 1)."""
         created = time.time()
-        record = {
+        record: JobRecord = {
             "id": job_id, "state": "queued", "queue": queue, "attempts": 1,
             "created_at": utc_now(), "started_at": None, "finished_at": None,
             "epoch": 0, "epochs": spec.epochs, "metrics": None, "error": None,
@@ -241,22 +249,19 @@ class JobRecords:
         pipe.execute()
         return record
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
+    def get(self, job_id: str) -> JobRecord | None:
         raw = self.client.hgetall(job_key(job_id))
         if not raw:
             return None
-        record = _decode(raw)
-        for field in INTERNAL_FIELDS:
-            record.pop(field, None)
-        return record
+        return _public(raw)
 
     def state(self, job_id: str) -> str | None:
         value = self.client.hget(job_key(job_id), "state")
         return json.loads(value) if value else None
 
-    def list(self, state: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    def list(self, state: str | None = None, limit: int = 20) -> list[JobRecord]:
         """Newest first; with ``state``, the newest ``limit`` jobs in that state."""
-        found: list[dict[str, Any]] = []
+        found: list[JobRecord] = []
         page, start = max(limit, 50), 0
         while len(found) < limit:
             ids = self.client.zrevrange(INDEX_KEY, start, start + page - 1)
@@ -267,9 +272,7 @@ class JobRecords:
                 pipe.hgetall(job_key(job_id))
             for raw in pipe.execute():
                 if raw:
-                    record = _decode(raw)
-                    for field in INTERNAL_FIELDS:
-                        record.pop(field, None)
+                    record = _public(raw)
                     if state is None or record.get("state") == state:
                         found.append(record)
             start += page

@@ -190,7 +190,7 @@ def test_the_reaper_writes_the_end_it_decides_into_the_folder(records, labctl_en
 
 def test_mirror_end_never_overrides_an_end_the_folder_recorded(tmp_path):
     from labctl.shared.artifacts import ArtifactStore
-    from labctl.worker.lifecycle import mirror_end_into_folder
+    from labctl.shared.lifecycle import mirror_end_into_folder
 
     store = ArtifactStore(tmp_path)
     done = store.job(new_job_id()).create()

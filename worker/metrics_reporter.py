@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from labctl.shared.jobstate import EpochRow, JobState
 from labctl.shared.spec import JobSpec
 from labctl.worker import metrics as m
 from labctl.worker.runner import Reporter
@@ -98,7 +99,7 @@ class MetricsReporter(Reporter):
             return
         self._gauge(m.EPOCH_PROGRESS).set(batch / max(num_batches, 1))
 
-    def on_epoch(self, row: dict[str, Any]) -> None:
+    def on_epoch(self, row: EpochRow) -> None:
         if self._series.released:
             return
         for column, gauge in ROW_GAUGES.items():
@@ -112,7 +113,7 @@ class MetricsReporter(Reporter):
         if seconds is not None and math.isfinite(seconds):
             m.EPOCH_DURATION.labels(*self.spec_labels).observe(seconds)
 
-    def on_end(self, state: str, result: dict[str, Any]) -> None:
+    def on_end(self, state: JobState, result: dict[str, Any]) -> None:
         if self._ended or self._series.released:  # once, even if a task calls it again
             return
         self._ended = True

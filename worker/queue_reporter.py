@@ -17,11 +17,12 @@ from typing import Any
 
 import redis
 
+from labctl.shared import lifecycle
 from labctl.shared.artifacts import utc_now
+from labctl.shared.jobstate import EpochRow, JobState
 from labctl.shared.records import JobRecords
 from labctl.shared.spec import JobSpec
 from labctl.worker.engine import JobCancelled
-from labctl.worker.lifecycle import record_summary
 from labctl.worker.reaper import Heartbeat
 from labctl.worker.runner import Reporter, ReporterWrapper, epoch_line, outcome_line
 
@@ -100,21 +101,20 @@ class QueueReporter(Reporter):
         if self.heartbeat.lost.is_set():
             raise JobReleased("lease lost to another attempt", lost=True)
 
-    def on_epoch(self, row: dict[str, Any]) -> None:
+    def on_epoch(self, row: EpochRow) -> None:
         self._log(epoch_line(row, self.epochs), epoch=row["epoch"])
         self._update(epoch=row["epoch"], metrics=row, updated_at=utc_now())
 
-    def on_end(self, state: str, result: dict[str, Any]) -> None:
+    def on_end(self, state: JobState, result: dict[str, Any]) -> None:
         self.heartbeat.stop()  # before the final write, which ends the lease
         error = result.get("error")
         self._log(outcome_line(state, error, result.get("summary")))
-        fields = {"state": state, "error": error, "finished_at": utc_now(),
-                  "summary": record_summary(result.get("summary"))}
         deadline = self._clock() + FINAL_WRITE_SECONDS
         while True:
             try:
                 self._flush_lines()
-                if not self.records.update_owned(self.job_id, self.owner, **fields):
+                if not lifecycle.ended(self.records, self.job_id, self.owner, state,
+                                       error=error, summary=result.get("summary")):
                     log.warning("job %s ended %s but is no longer ours; record left alone",
                                 self.job_id, state)
                 return
@@ -129,7 +129,7 @@ class QueueReporter(Reporter):
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _backfill_epoch_lines(self, rows: list[dict[str, Any]]) -> None:
+    def _backfill_epoch_lines(self, rows: list[EpochRow]) -> None:
         """A worker killed between an epoch's checkpoint and its log line (or whose buffered
         line died with it in a Redis outage) left that epoch out of `labctl logs`; the
         resumed attempt will not re-run it, so it writes the line from metrics.jsonl."""
@@ -159,7 +159,7 @@ class QueueReporter(Reporter):
     def _update(self, **fields: Any) -> None:
         try:
             self._flush_lines()
-            self.records.update_owned(self.job_id, self.owner, **fields)
+            lifecycle.progress(self.records, self.job_id, self.owner, **fields)
         except redis.RedisError as exc:
             log.warning("job %s: progress not recorded, Redis unavailable: %s",
                         self.job_id, exc)

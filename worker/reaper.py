@@ -20,10 +20,11 @@ from typing import Any
 
 import redis
 
+from labctl.shared import lifecycle
 from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.lifecycle import Beat
 from labctl.shared.records import MAX_WORKER_LOSSES, JobRecords, connect
 from labctl.shared.settings import get_settings
-from labctl.worker.lifecycle import mirror_record_end
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +65,20 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         try:
-            alive = self.records.heartbeat(self.job_id, self.owner, self.lease_seconds)
+            beat = lifecycle.heartbeat(self.records, self.job_id, self.owner,
+                                       self.lease_seconds)
         except redis.RedisError as exc:
             # Redis restarting: the lease outlives a short outage; keep trying.
             log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
             return
-        if alive == 0:
+        if beat is Beat.LOST:
             if self._stop_event.is_set():
                 return  # the job just ended: its final update released the lease
             if not self.lost.is_set():
                 log.error("job %s: lease lost (requeued while this worker was unresponsive); "
                           "abandoning this attempt", self.job_id)
             self.lost.set()
-        elif alive == 2:
+        elif beat is Beat.CANCEL_REQUESTED:
             self.cancel_requested.set()
 
     def stop(self) -> None:
@@ -105,21 +107,17 @@ class Reaper(threading.Thread):
     def sweep(self) -> list[str]:
         """One pass over the running jobs; returns the ids it requeued."""
         requeued = []
+        store = ArtifactStore(get_settings().artifacts_dir)
         for job_id in self.records.running_ids():
-            outcome, attempt = self.records.requeue_if_dead(job_id, self.max_losses)
-            if outcome == "requeued":
+            reaped = lifecycle.reap(self.records, store, job_id, self.max_losses)
+            if reaped.outcome == "requeued":
                 log.warning("job %s: its worker stopped heartbeating; requeued as attempt %d",
-                            job_id, attempt)
-                send_job(self.app, self.records, job_id, attempt)
+                            job_id, reaped.attempt)
+                send_job(self.app, self.records, job_id, reaped.attempt)
                 requeued.append(job_id)
-            elif outcome in ("failed", "cancelled"):
-                log.warning("job %s: its worker was lost; marked %s", job_id, outcome)
-                self._mirror_end(job_id)
+            elif reaped.outcome in ("failed", "cancelled"):
+                log.warning("job %s: its worker was lost; marked %s", job_id, reaped.outcome)
         return requeued
-
-    def _mirror_end(self, job_id: str) -> None:
-        """The dead worker never wrote the end into the folder: write the record's."""
-        mirror_record_end(self.records, ArtifactStore(get_settings().artifacts_dir), job_id)
 
     def stop(self) -> None:
         self._stop_event.set()

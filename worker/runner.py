@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from labctl.shared import lifecycle
 from labctl.shared.artifacts import ArtifactStore, JobFolder, utc_now, write_json
+from labctl.shared.jobstate import EpochRow, JobState, Summary
 from labctl.shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
 from labctl.worker.engine import (
     DataError,
@@ -48,9 +50,11 @@ class Reporter:
         job folder; may raise to keep a worker that lost the job from writing over the
         attempt that now owns it."""
 
-    def on_epoch(self, row: dict[str, Any]) -> None: ...
+    def on_epoch(self, row: EpochRow) -> None: ...
 
-    def on_end(self, state: str, result: dict[str, Any]) -> None: ...
+    def on_end(self, state: JobState, result: dict[str, Any]) -> None:
+        """``result``: ``{"error": str | None, "summary": Summary}`` (empty unless it
+        succeeded)."""
 
     def close(self) -> None:
         """The job left this process without ending (handed back to the queue)."""
@@ -96,9 +100,9 @@ class Reporters(ReporterWrapper):
 @dataclass
 class RunOutcome:
     job_id: str
-    state: str                      # succeeded | failed | cancelled
+    state: JobState                 # an end: succeeded | failed | cancelled
     error: str | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: Summary = field(default_factory=dict)  # type: ignore[arg-type]
     #: why it did not succeed: "input" (bad spec or data: the user's to fix), "diverged",
     #: "crash", "cancelled"; None on success
     failure: str | None = None
@@ -116,7 +120,7 @@ def build_engine(spec: JobSpec) -> Engine:
     return TorchEngine(spec)
 
 
-def epoch_line(row: dict[str, Any], epochs: int) -> str:
+def epoch_line(row: EpochRow, epochs: int) -> str:
     """The human-readable line for one epoch, shared by ``labctl run`` and ``labctl logs``."""
     return (f"epoch {row['epoch']}/{epochs} train_loss={row['train_loss']:.4f} "
             f"test_loss={row['test_loss']:.4f} acc={row['test_accuracy']:.4f} "
@@ -124,10 +128,10 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
             f"{row['images_per_second']:.0f} img/s")
 
 
-def outcome_line(state: str, error: str | None, summary: dict[str, Any] | None) -> str:
+def outcome_line(state: str, error: str | None, summary: Summary | None) -> str:
     """The job's last log line, so `labctl logs` ends by saying how it ended."""
     final = (summary or {}).get("final") or {}
-    if state == "succeeded" and "test_accuracy" in final:
+    if state == JobState.SUCCEEDED and "test_accuracy" in final:
         return (f"succeeded: test accuracy {final['test_accuracy']:.4f}, macro-F1 "
                 f"{final.get('test_f1_macro', float('nan')):.4f} "
                 f"({(summary or {}).get('total_seconds', 0):.1f}s)")
@@ -147,37 +151,33 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
     spec = resolve_data_root(spec, default_data_root)
     folder = store.job(job_id)
     try:
-        folder.create()
-        write_json(folder.spec_path, spec.model_dump(mode="json"))
-        status = folder.read_status()
-        folder.update_status(state="running", started_at=status.get("started_at") or utc_now(),
-                             finished_at=None, error=None, epochs=spec.epochs,
-                             epoch=status.get("epoch", 0), **(status_extra or {}))
+        status = lifecycle.run_started(folder, spec, status_extra)
     except (OSError, ValueError) as exc:  # unwritable store, or a corrupt status.json
         # No folder to record it in: the reporter (the queue's record) is the only witness.
         error = f"cannot write the job folder {folder.path}: {exc}"
-        reporter.on_end("failed", {"error": error, "summary": {}})
-        return RunOutcome(job_id, "failed", error, {}, failure="crash")
+        reporter.on_end(JobState.FAILED, {"error": error, "summary": {}})
+        return RunOutcome(job_id, JobState.FAILED, error, {}, failure="crash")
     clock = RunClock(status.get("run_seconds") or 0.0)
     try:
         summary = _train(spec, folder, reporter, allowed_data_dir, clock)
     except KeyboardInterrupt:
-        outcome = _finish(folder, reporter, "cancelled", "interrupted by the user",
+        outcome = _finish(folder, reporter, JobState.CANCELLED, "interrupted by the user",
                           failure="cancelled", clock=clock)
         raise KeyboardInterruptWithOutcome(outcome) from None
     except JobCancelled:
-        return _finish(folder, reporter, "cancelled", "cancelled by the user",
+        return _finish(folder, reporter, JobState.CANCELLED, "cancelled by the user",
                        failure="cancelled", clock=clock)
     except (SpecError, DataError) as exc:
-        return _finish(folder, reporter, "failed", one_line(exc), failure="input", clock=clock)
+        return _finish(folder, reporter, JobState.FAILED, one_line(exc), failure="input",
+                       clock=clock)
     except TrainingDiverged as exc:
-        return _finish(folder, reporter, "failed", str(exc), failure="diverged", clock=clock)
+        return _finish(folder, reporter, JobState.FAILED, str(exc), failure="diverged", clock=clock)
     except Exception as exc:  # the job fails; the worker lives on to take the next one
         log.exception("job %s crashed", job_id)
         folder.log(traceback.format_exc().rstrip())  # for `labctl logs`, wherever it ran
-        return _finish(folder, reporter, "failed", _describe_crash(exc, spec), failure="crash",
-                       clock=clock)
-    return _finish(folder, reporter, "succeeded", None, summary, clock=clock)
+        return _finish(folder, reporter, JobState.FAILED, _describe_crash(exc, spec),
+                       failure="crash", clock=clock)
+    return _finish(folder, reporter, JobState.SUCCEEDED, None, summary, clock=clock)
 
 
 class RunClock:
@@ -223,12 +223,11 @@ def _describe_crash(exc: Exception, spec: JobSpec) -> str:
     return text
 
 
-def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None,
-            summary: dict[str, Any] | None = None, failure: str | None = None,
+def _finish(folder: JobFolder, reporter: Reporter, state: JobState, error: str | None,
+            summary: Summary | None = None, failure: str | None = None,
             *, clock: RunClock) -> RunOutcome:
     reporter.before_save(0)  # the end is a write too: a stale attempt must not make it
-    folder.update_status(state=state, error=error, finished_at=utc_now(),
-                         run_seconds=clock.seconds())
+    lifecycle.run_ended(folder, state, error, run_seconds=clock.seconds())
     folder.log(outcome_line(state, error, summary))
     result = {"error": error, "summary": summary or {}}
     try:
@@ -239,7 +238,7 @@ def _finish(folder: JobFolder, reporter: Reporter, state: str, error: str | None
 
 
 def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
-           allowed_data_dir: str | None, clock: RunClock) -> dict[str, Any]:
+           allowed_data_dir: str | None, clock: RunClock) -> Summary:
     check_runtime(spec, allowed_data_dir)
     seed_global_generators(spec.seed)
     engine = build_engine(spec)
@@ -250,7 +249,7 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         folder.log(f"resumed from checkpoint after epoch {start_epoch}")
     info = {"num_classes": engine.num_classes, "train_size": engine.train_size,
             "test_size": engine.test_size, "start_epoch": start_epoch}
-    folder.update_status(**info)
+    lifecycle.run_progress(folder, **info)
     # A resumed job's earlier rows, for a reporter whose copy of them may be missing one.
     rows = folder.read_metrics() if start_epoch else []
     reporter.on_start(folder.job_id, spec, {**info, "finished_rows": rows})
@@ -262,7 +261,7 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         check_not_diverged(trained.loss, engine.num_classes, epoch)
         evaluated = engine.evaluate()
         cm = confusion_matrix(evaluated.y_true, evaluated.y_pred, engine.num_classes)
-        row = {
+        row: EpochRow = {
             "epoch": epoch,
             "train_loss": trained.loss,
             "test_loss": evaluated.loss,
@@ -287,7 +286,7 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         fence()
         engine.save_checkpoint(checkpoint, epoch, spec.model_dump(mode="json"))
         fence()
-        folder.update_status(epoch=epoch, metrics=row, run_seconds=clock.seconds())
+        lifecycle.run_progress(folder, epoch=epoch, metrics=row, run_seconds=clock.seconds())
         reporter.on_epoch(row)
 
     return _write_final_artefacts(spec, folder, engine, clock,
@@ -295,7 +294,7 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
 
 
 def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
-                           clock: RunClock, fence: Callable[[], None]) -> dict[str, Any]:
+                           clock: RunClock, fence: Callable[[], None]) -> Summary:
     from labctl.worker import plots  # matplotlib import is slow; only finished jobs need it
 
     fence()
@@ -308,7 +307,7 @@ def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
     plots.write_job_plots(folder.plots_dir, rows, cm, engine.class_names)
     final = rows[-1] if rows else {}
     best = max(rows, key=lambda r: r["test_accuracy"]) if rows else {}
-    summary = {
+    summary: Summary = {
         "job_id": folder.job_id,
         "model": spec.model,
         "optimizer": spec.optimizer,

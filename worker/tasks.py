@@ -1,8 +1,8 @@
-"""The one Celery task: claim the job, then hand it to ``worker.runner.run_job``.
+"""The one Celery task: claim the job, then hand it to ``labctl.worker.runner.run_job``.
 
-Thin on purpose: the runner owns training and the artefact folder, ``shared.records`` owns
-the record's state machine. This module only checks the message, claims the job and wires
-the reporters. Every decision not to run a message is logged and the message acked, so a
+Thin on purpose: the runner owns training and the artefact folder, ``shared.lifecycle``
+every change of the job's state. This module only checks the message, claims the job and
+wires the reporters. Every decision not to run a message is logged and the message acked, so a
 redelivered, duplicated or malformed message can never run a job twice or stop the worker.
 """
 
@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 import redis
 from celery.exceptions import Reject
 
-from labctl.shared.artifacts import ArtifactStore, InvalidJobId, utc_now, validate_job_id
+from labctl.shared import lifecycle
+from labctl.shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
+from labctl.shared.jobstate import JobState
+from labctl.shared.lifecycle import Claim
 from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
 from labctl.worker.app import TASK_NAME, app
-from labctl.worker.lifecycle import end_recorded_in_folder, mirror_record_end
 from labctl.worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter
 from labctl.worker.reaper import Heartbeat, send_job, worker_records
 from labctl.worker.runner import Reporter, Reporters, run_job
 
 log = logging.getLogger(__name__)
-
-#: How long a claim keeps trying while Redis is down (a restart takes a few seconds).
-CLAIM_RETRY_SECONDS = 60.0
-
 
 class MalformedMessage(ValueError):
     pass
@@ -76,27 +73,19 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
     store = ArtifactStore(settings.artifacts_dir)
     owner = f"{hostname}:{os.getpid()}:{attempt}"
     try:
-        claimed = _retrying(lambda: records.claim(
-            job_id, attempt, owner, settings.heartbeat_timeout_seconds,
-            worker=hostname, artifacts=str(store.job(job_id).path.resolve())))
+        claimed = lifecycle.claim(records, store, job_id, attempt, owner,
+                                  lease_seconds=settings.heartbeat_timeout_seconds,
+                                  worker=hostname)
     except redis.RedisError as exc:
         # Never ack a message we could not claim: back to the queue (or, if Redis is
         # still gone, left unacked for kombu to restore).
         raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
-    if claimed != "claimed":
-        # terminal (done or cancelled while queued), stale (an older attempt's message,
-        # e.g. kombu's visibility-timeout redelivery), busy (a live worker holds it) or
-        # missing (no record): acking is the whole job.
+    if claimed is not Claim.CLAIMED:
+        # Every other outcome is settled by the claim itself (Claim says which): acking the
+        # message is all that is left to do.
         log.info("job %s attempt %d not run: %s", job_id, attempt, claimed)
-        if claimed == "terminal":  # e.g. cancelled while queued after a hand-back
-            mirror_record_end(records, store, job_id)
-        return {"job_id": job_id, "attempt": attempt, "skipped": claimed}
+        return {"job_id": job_id, "attempt": attempt, "skipped": str(claimed)}
     log.info("job %s attempt %d claimed by %s", job_id, attempt, hostname)
-    # A previous attempt may have ended the job but not told Redis (an outage at the very
-    # end), so the reaper requeued it: the folder is the truth; do not train it again.
-    if end_recorded_in_folder(records, store, job_id, owner) is not None:
-        return {"job_id": job_id, "attempt": attempt, "skipped": "ended"}
-    records.append_log(job_id, f"attempt {attempt} started on {hostname}")
 
     try:
         spec = build_spec(spec_values)
@@ -105,25 +94,12 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
                             "dataset files")
     except SpecError as exc:
         error = f"invalid spec: {exc}"
-        records.update_owned(job_id, owner, state="failed", error=error, finished_at=utc_now())
+        lifecycle.ended(records, job_id, owner, JobState.FAILED, error=error)
         records.append_log(job_id, f"failed: {error}")
         log.error("job %s rejected: %s", job_id, error)
         raise Reject(error, requeue=False) from None
 
     return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
-
-
-def _retrying(call, seconds: float = CLAIM_RETRY_SECONDS):
-    """Ride over a Redis restart (a few seconds) instead of giving the message up."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return call()
-        except redis.RedisError as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("Redis unavailable (%s); retrying", exc)
-            time.sleep(1.0)
 
 
 def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_id: str,
@@ -156,12 +132,12 @@ def _released(records: JobRecords, job_id: str, attempt: int, owner: str,
     if released.lost:
         log.warning("job %s attempt %d abandoned: %s", job_id, attempt, released.reason)
         return {"job_id": job_id, "attempt": attempt, "state": "abandoned"}
-    outcome, next_attempt = records.release(job_id, owner)
-    if outcome == "requeued":
-        send_job(app, records, job_id, next_attempt)
+    back = lifecycle.hand_back(records, job_id, owner)
+    if back.outcome == "requeued":
+        send_job(app, records, job_id, back.attempt)
         log.warning("job %s handed back (%s); requeued as attempt %d",
-                    job_id, released.reason, next_attempt)
-    return {"job_id": job_id, "attempt": attempt, "state": outcome}
+                    job_id, released.reason, back.attempt)
+    return {"job_id": job_id, "attempt": attempt, "state": back.outcome}
 
 
 def extra_reporters(spec: JobSpec, job_id: str) -> list[Reporter]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from labctl.cli.analysis.manifest import read_manifest
 from labctl.shared.artifacts import JOB_ID_PATTERN, read_json, read_jsonl
+from labctl.shared.jobstate import JobState
 
 
 class RunNotFound(LookupError):
@@ -42,7 +43,7 @@ class Run:
     def usable(self) -> bool:
         """Finished with metrics: a run still going (or failed) would compare an early
         epoch against another run's last one."""
-        return self.state == "succeeded" and bool(self.metrics)
+        return self.state == JobState.SUCCEEDED and bool(self.metrics)
 
 
 @dataclass
