@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_JOB_FAILED = 1       # a job failed or was cancelled; nothing finished to compare
 EXIT_USAGE = 2            # bad spec, bad flag, bad file (Click's own usage code)
 EXIT_NOT_FOUND = 3        # no such job or sweep
+EXIT_BUSY = 4             # the job is held by a worker or another process
 EXIT_UNAVAILABLE = 69     # broker / Redis unreachable (sysexits EX_UNAVAILABLE)
 EXIT_INTERRUPTED = 130    # Ctrl-C (or SIGTERM to `labctl run`)
 
@@ -20,6 +21,7 @@ EXIT_CODES = {
     EXIT_JOB_FAILED: "the job failed or was cancelled (or no finished run to compare)",
     EXIT_USAGE: "bad spec, option or file",
     EXIT_NOT_FOUND: "no such job or sweep",
+    EXIT_BUSY: "the job is queued or running elsewhere (a worker, another local run)",
     EXIT_UNAVAILABLE: "Redis (the broker) is unreachable",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C, or SIGTERM to run)",
 }
@@ -38,6 +40,10 @@ class BadSpec(LabctlError):
 
 class NotFound(LabctlError):
     exit_code = EXIT_NOT_FOUND
+
+
+class JobBusy(LabctlError):
+    exit_code = EXIT_BUSY
 
 
 class BrokerUnavailable(LabctlError):

@@ -8,7 +8,12 @@ from typing import Any
 import click
 
 from labctl.cli.broker import broker_errors, open_records
+from labctl.cli.errors import BrokerUnavailable
+from labctl.cli.folder_view import ABANDONED, FROM_FOLDER, folder_records
+from labctl.shared.artifacts import ArtifactStore
 from labctl.shared.jobstate import STATES
+from labctl.shared.records import INDEX_KEY
+from labctl.shared.settings import get_settings
 
 HEADER = ["ID", "STATE", "QUEUE", "MODEL/OPT", "DATASET", "EPOCH", "ACC", "WORKER"]
 
@@ -21,17 +26,41 @@ def table_row(job: dict[str, Any]) -> list[str]:
             f"{acc:.4f}" if isinstance(acc, int | float) else "-", job.get("worker") or "-"]
 
 
+def list_with_folders(state: str | None, limit: int) -> tuple[list[dict[str, Any]], str]:
+    """The newest jobs from Redis and from the job folders on this host that Redis has no
+    record of (``labctl run`` jobs, records Redis lost), and a note saying how many came
+    from folders. Redis unreachable: the folders alone, if there are any."""
+    store = ArtifactStore(get_settings().artifacts_dir)
+    try:
+        records = open_records()
+    except BrokerUnavailable as exc:
+        jobs = folder_records(store, state=state)[:limit]
+        if not jobs:
+            raise
+        return jobs, f"labctl: {exc.format_message()}; showing the job folders only"
+    with broker_errors():
+        jobs = records.list(state=state, limit=limit)
+        known = set(records.client.zrange(INDEX_KEY, 0, -1))
+    local = folder_records(store, skip=known, state=state)
+    merged = sorted(jobs + local, key=lambda job: job["id"], reverse=True)[:limit]
+    shown = sum(1 for job in merged if job.get("source") == FROM_FOLDER)
+    note = (f"{shown} job(s) read from their folders in {store.root} (Redis has no record "
+            "of them)" if shown else "")
+    return merged, note
+
+
 @click.command("list")
-@click.option("--state", type=click.Choice([state.value for state in STATES]), default=None,
+@click.option("--state", type=click.Choice([state.value for state in STATES] + [ABANDONED]),
+              default=None,
               help="only jobs in this state")
 @click.option("--limit", "-n", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="at most this many jobs, newest first")
 @click.option("--json", "as_json", is_flag=True, help="print the records as a JSON list")
 def list_jobs(state: str | None, limit: int, as_json: bool) -> None:
     """List queued and past jobs, newest first."""
-    records = open_records()
-    with broker_errors():
-        jobs = records.list(state=state, limit=limit)
+    jobs, from_folders = list_with_folders(state, limit)
+    if from_folders:
+        click.echo(from_folders, err=True)
     if as_json:
         click.echo(json.dumps(jobs, indent=2, sort_keys=True))
         return

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import click
 
-from labctl.cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed, NotFound
+from labctl.cli.broker import broker_errors, open_records
+from labctl.cli.errors import (
+    EXIT_INTERRUPTED,
+    BadSpec,
+    BrokerUnavailable,
+    JobBusy,
+    JobFailed,
+    NotFound,
+)
 from labctl.cli.foreground import run_in_foreground
 from labctl.cli.spec_options import spec_options, to_spec
 from labctl.shared.artifacts import (
@@ -19,6 +27,7 @@ from labctl.shared.artifacts import (
     mkstemp_like_open,
     new_job_id,
 )
+from labctl.shared.jobstate import JobState, is_terminal
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
 from labctl.worker.runner import KeyboardInterruptWithOutcome
@@ -68,6 +77,34 @@ def resumed_spec(folder: JobFolder, stored: JobSpec, overrides: dict) -> JobSpec
     return spec
 
 
+def refuse_if_queue_holds(folder: JobFolder) -> None:
+    """A job the queue still holds (queued, or running on a worker) is not resumed here:
+    two writers in one folder would train the same epochs twice. Exit 4, naming the worker.
+    Without Redis, a folder last written by a worker is refused unless it recorded an end."""
+    job_id = folder.job_id
+    try:
+        records = open_records()
+        with broker_errors():
+            record = records.get(job_id)
+    except (BrokerUnavailable, BadSpec):
+        try:
+            status = folder.read_status()
+        except (ValueError, OSError):
+            status = {}
+        if status.get("worker") and not is_terminal(status.get("state")):
+            raise JobBusy(f"job {job_id} was last run by worker {status['worker']} and Redis "
+                          f"cannot be reached to check that it is free; try again when "
+                          f"it can") from None
+        return
+    if record is None or is_terminal(record.get("state")):
+        return
+    if record["state"] == JobState.RUNNING:
+        raise JobBusy(f"job {job_id} is running on worker {record.get('worker')}; cancel it "
+                      f"first (labctl cancel {job_id})")
+    raise JobBusy(f"job {job_id} is queued for a worker; cancel it first "
+                  f"(labctl cancel {job_id})")
+
+
 def writable_store(root: str) -> ArtifactStore:
     """The artefact store, or exit 2 naming the directory: it is the user's setting
     (--artifacts-dir or LABCTL_ARTIFACTS_DIR)."""
@@ -115,6 +152,7 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
         if stored is None:
             raise NotFound(f"no job {resume_id} under {store.root}")
         spec = resumed_spec(folder, to_spec(stored), spec_values)
+        refuse_if_queue_holds(folder)
         job_id = resume_id
     else:
         spec = to_spec(spec_values)
@@ -132,6 +170,8 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
                    err=True)
         sys.exit(EXIT_INTERRUPTED)
     folder = store.job(job_id)
+    if outcome.failure == "busy":  # nothing was written: the folder is another run's
+        raise JobBusy(f"job {job_id}: {outcome.error}; stop it there first")
     if outcome.failure == "input":  # missing data, like any bad spec, is the user's to fix
         raise BadSpec(f"job {job_id} failed: {outcome.error}")
     if outcome.state != "succeeded":

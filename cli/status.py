@@ -9,6 +9,7 @@ import click
 
 from labctl.cli.broker import broker_errors, checked_job_id, find_job
 from labctl.cli.errors import NotFound
+from labctl.cli.folder_view import FROM_FOLDER, folder_record
 from labctl.shared.jobstate import JobState
 
 #: Always present in --json output, even before the worker filled them in.
@@ -16,15 +17,14 @@ REQUIRED_KEYS = ("id", "state", "epoch", "epochs", "metrics", "error", "artifact
 
 
 def load_status(job_id: str) -> dict[str, Any]:
-    """The job's record; for a job never queued (``labctl run``), its folder's status.json."""
+    """The job's record; for a job Redis has no record of (a ``labctl run`` job, or a
+    record Redis lost), what its folder says, with ``source: folder``."""
     records, folder = find_job(job_id)
     if records is not None:
         with broker_errors():
             record = records.get(job_id)
     else:
-        record = folder.read_status()
-        if record:
-            record.setdefault("artifacts", str(folder.path))
+        record = folder_record(folder)
     if not record:
         raise NotFound(f"no job {job_id}")
     for key in REQUIRED_KEYS:
@@ -62,6 +62,8 @@ def describe(record: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("error", record["error"]))
     if record.get("artifacts"):
         rows.append(("artifacts", record["artifacts"]))
+    if record.get("source") == FROM_FOLDER:
+        rows.append(("source", "its job folder (Redis has no record of this job)"))
     return rows
 
 

@@ -43,7 +43,8 @@ def submit(spec_values: dict, wait: bool, follow: bool, as_json: bool) -> None:
             click.echo(line, err=True)
 
     try:
-        state = follow_log(records, job_id, show)
+        state = follow_log(records, job_id, show, queue=record["queue"],
+                           notice=lambda line: click.echo(f"labctl: {line}", err=True))
     except KeyboardInterrupt:
         click.echo(f"\nstopped waiting; job {job_id} goes on (stop it with: labctl cancel "
                    f"{job_id})", err=True)

@@ -13,7 +13,8 @@ field) into either of a job's two stores.
 
 - **The queue's record** (Redis): :func:`queued` and :func:`unsent` (``labctl submit``),
   :func:`claim`, :func:`heartbeat`, :func:`progress`, :func:`ended` and :func:`hand_back`
-  (the worker's task and reporter), :func:`reap` (the reaper), :func:`cancel` (``labctl
+  (the worker's task and reporter), :func:`restore_record` (the worker, when Redis lost
+  the record of the job it runs), :func:`reap` (the reaper), :func:`cancel` (``labctl
   cancel``). The atomic steps are Lua scripts in ``shared.records``; this module decides
   when each runs and what else follows from it.
 - **The job folder** (``status.json``): :func:`run_started`, :func:`run_progress` and
@@ -40,8 +41,8 @@ import redis
 
 from labctl.shared.artifacts import ArtifactStore, JobFolder, utc_now, write_json
 from labctl.shared.jobstate import JobRecord, JobState, Summary, is_terminal
-from labctl.shared.records import MAX_WORKER_LOSSES, JobRecords
-from labctl.shared.spec import JobSpec
+from labctl.shared.records import MAX_WORKER_LOSSES, JobRecords, initial_record, parse_iso
+from labctl.shared.spec import JobSpec, build_spec
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,44 @@ class Beat(IntEnum):
     LOST = 0              # another attempt owns the job now
     ALIVE = 1
     CANCEL_REQUESTED = 2  # alive, and the user asked to stop it
+    MISSING = 3           # Redis has no record of the job: see restore_record()
 
 
 def heartbeat(records: JobRecords, job_id: str, owner: str, lease_seconds: float) -> Beat:
     """Renew ``owner``'s lease on a running job."""
     return Beat(records.heartbeat(job_id, owner, lease_seconds))
+
+
+def restore_record(records: JobRecords, folder: JobFolder, job_id: str, owner: str, *,
+                   lease_seconds: float) -> bool:
+    """Redis lost the record of a job ``owner`` runs (restarted without persistence, or
+    replaced): write it back from the job folder, the durable copy, so the job finishes
+    and stays visible. A folder that recorded an end gives an ended record; otherwise the
+    record is running, held by ``owner``. False if a record exists again."""
+    spec = build_spec(folder.read_spec() or {})
+    status = folder.read_status()
+    state = status["state"] if is_terminal(status.get("state")) else JobState.RUNNING
+    now = utc_now()
+    fields = {
+        **initial_record(job_id, spec, status.get("queue") or "cpu"),
+        "state": state, "attempts": status.get("attempts") or 1,
+        "created_at": status.get("started_at") or now,
+        "started_at": status.get("started_at") or now, "attempt_started_at": now,
+        "heartbeat_at": now, "finished_at": status.get("finished_at"),
+        "epoch": status.get("epoch") or 0, "metrics": status.get("metrics"),
+        "error": status.get("error"), "worker": status.get("worker"),
+        "artifacts": str(folder.path.resolve()), "restored_at": now,
+    }
+    if is_terminal(state):
+        fields["summary"] = record_summary(_read_or_none(folder.read_summary))
+    restored = records.restore(
+        job_id, owner, lease_seconds, fields, folder.read_log(),
+        created=parse_iso(fields["created_at"]) or time.time(),
+        logged_epochs=[row["epoch"] for row in folder.read_metrics()])
+    if restored:
+        log.warning("job %s: Redis had no record of it (restarted without persistence?); "
+                    "record restored from the job folder as %s", job_id, state)
+    return restored
 
 
 def progress(records: JobRecords, job_id: str, owner: str, **fields: Any) -> bool:
@@ -152,10 +186,15 @@ def reap(records: JobRecords, store: ArtifactStore, job_id: str,
     return result
 
 
-def cancel(records: JobRecords, job_id: str) -> str:
+def cancel(records: JobRecords, job_id: str, store: ArtifactStore | None = None) -> str:
     """The user's cancel. Returns the state the job was in: ``missing``, ``queued`` (now
-    cancelled), ``running`` (flagged; its worker stops it at the next batch) or an end."""
-    return records.request_cancel(job_id)
+    cancelled), ``running`` (flagged; its worker stops it at the next batch), ``lost``
+    (running on a worker that is gone: now cancelled) or an end. An end decided here is
+    mirrored into the job's folder when ``store`` holds it."""
+    found = records.request_cancel(job_id)
+    if store is not None and found in ("queued", "lost"):
+        _mirror_record_end(records, store.job(job_id), job_id)
+    return found
 
 
 def record_summary(summary: Summary | dict[str, Any] | None) -> dict[str, Any] | None:

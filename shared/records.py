@@ -13,6 +13,7 @@ Other keys:
 - ``labctl:job:<id>:lease``     the owner's liveness lease; it expires ``heartbeat_timeout``
                                 after the last heartbeat, measured by Redis' clock alone
 - ``labctl:job:<id>:log``       list of epoch lines (``labctl logs``, no shared volume needed)
+- ``labctl:worker:<name>``      a live worker's queues (expires unless renewed)
 
 This module is the storage: how each step is made atomic. When a step is taken, and what
 follows from it in the job folder, is decided by ``shared.lifecycle``, the only caller of
@@ -48,6 +49,10 @@ INDEX_KEY = "labctl:jobs"
 RUNNING_KEY = "labctl:jobs:running"
 #: Fields a reader never needs: the lease token is an implementation detail.
 INTERNAL_FIELDS = ("owner",)
+
+
+#: ``labctl:worker:<name>``: a live worker's queues, expiring unless it renews them.
+WORKER_KEY_PREFIX = "labctl:worker:"
 
 
 def job_key(job_id: str) -> str:
@@ -135,8 +140,9 @@ return 'claimed'
 
 # KEYS: record, lease. ARGV: owner, lease ms, heartbeat fields (pairs...).
 # Returns 0 if the job is no longer ours (requeued while we were stalled), 1 alive,
-# 2 alive but the user asked to cancel.
+# 2 alive but the user asked to cancel, 3 no record at all (Redis lost it).
 _HEARTBEAT = f"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 3 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
    or redis.call('HGET', KEYS[1], 'state') ~= '{_RUNNING}' then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
@@ -198,20 +204,65 @@ redis.call('HSET', KEYS[1], 'state', '{_QUEUED}', 'attempts', tostring(attempts 
 return {{'requeued', attempts + 1}}
 """
 
-# KEYS: record. ARGV: now (JSON). Queued -> cancelled at once (the task will skip it);
-# running -> a flag the worker polls each batch. Returns the state found.
+# KEYS: record, lease, running set. ARGV: job id, now (JSON). Queued -> cancelled at once
+# (the task will skip it); running -> a flag the worker polls each batch, or cancelled at once
+# when its lease has expired (its worker is dead: nobody would see the flag until a reaper
+# ran). Returns the state found, or 'lost' for that last case.
 _CANCEL = f"""
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state == '{_QUEUED}' then
-  redis.call('HSET', KEYS[1], 'state', '{json.dumps("cancelled")}', 'finished_at', ARGV[1],
-             'error', '{json.dumps("cancelled by the user before it started")}',
-             'cancel_requested', '{_TRUE}')
+  local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0') or 0
+  local why = 'cancelled by the user before it started'
+  if epoch > 0 then why = 'cancelled by the user after ' .. epoch .. ' epochs' end
+  redis.call('HSET', KEYS[1], 'state', '{json.dumps("cancelled")}', 'finished_at', ARGV[2],
+             'error', cjson.encode(why), 'cancel_requested', '{_TRUE}')
 elseif state == '{_RUNNING}' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '{_TRUE}')
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('HSET', KEYS[1], 'state', '{json.dumps("cancelled")}', 'finished_at', ARGV[2],
+               'error', '{json.dumps("cancelled by the user after its worker was lost")}',
+               'owner', 'null')
+    redis.call('SREM', KEYS[3], ARGV[1])
+    return 'lost'
+  end
 end
 return cjson.decode(state)
 """
+
+
+# KEYS: record, lease, running set, index, log. ARGV: job id, owner (JSON),
+# lease ms, created (score), running (1/0), n fields, fields (pairs...), log lines...
+# Recreates a record Redis lost, only if it is still missing: the heartbeat thread and the
+# final write may both try.
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7, 6 + 2 * n))
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+if ARGV[5] == '1' then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  redis.call('SADD', KEYS[3], ARGV[1])
+end
+if #ARGV > 6 + 2 * n then
+  redis.call('DEL', KEYS[5])
+  redis.call('RPUSH', KEYS[5], unpack(ARGV, 7 + 2 * n))
+end
+return 1
+"""
+
+
+def initial_record(job_id: str, spec: JobSpec, queue: str) -> JobRecord:
+    """A job's record before its first attempt."""
+    return {
+        "id": job_id, "state": "queued", "queue": queue, "attempts": 1,
+        "created_at": utc_now(), "started_at": None, "finished_at": None,
+        "epoch": 0, "epochs": spec.epochs, "metrics": None, "error": None,
+        "worker": None, "artifacts": None, "cancel_requested": False,
+        "model": spec.model, "optimizer": spec.optimizer, "dataset": spec.dataset,
+        "name": spec.name, "tags": list(spec.tags), "sweep_id": spec.sweep_id,
+        "spec": spec.model_dump(mode="json"),
+    }
 
 
 class JobRecords:
@@ -224,6 +275,7 @@ class JobRecords:
         self._update_owned = client.register_script(_UPDATE_OWNED)
         self._requeue = client.register_script(_REQUEUE)
         self._cancel = client.register_script(_CANCEL)
+        self._restore = client.register_script(_RESTORE)
 
     @classmethod
     def from_url(cls, url: str, **connect_options: Any) -> JobRecords:
@@ -234,15 +286,7 @@ class JobRecords:
     def create(self, job_id: str, spec: JobSpec, queue: str) -> JobRecord:
         """The record of a job about to be sent to ``queue`` (attempt 1)."""
         created = time.time()
-        record: JobRecord = {
-            "id": job_id, "state": "queued", "queue": queue, "attempts": 1,
-            "created_at": utc_now(), "started_at": None, "finished_at": None,
-            "epoch": 0, "epochs": spec.epochs, "metrics": None, "error": None,
-            "worker": None, "artifacts": None, "cancel_requested": False,
-            "model": spec.model, "optimizer": spec.optimizer, "dataset": spec.dataset,
-            "name": spec.name, "tags": list(spec.tags), "sweep_id": spec.sweep_id,
-            "spec": spec.model_dump(mode="json"),
-        }
+        record = initial_record(job_id, spec, queue)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(job_key(job_id), mapping=_encode(record))
         pipe.zadd(INDEX_KEY, {job_id: created})
@@ -296,7 +340,8 @@ class JobRecords:
                   json.dumps(utc_now()), *_flat(fields)])
 
     def heartbeat(self, job_id: str, owner: str, lease_seconds: float) -> int:
-        """Renew the lease. 0: lost (no longer ours), 1: alive, 2: alive, cancel requested."""
+        """Renew the lease. 0: lost (no longer ours), 1: alive, 2: alive, cancel requested,
+        3: the record is gone (Redis lost its data)."""
         return int(self._heartbeat(
             keys=[job_key(job_id), lease_key(job_id)],
             args=[json.dumps(owner), int(lease_seconds * 1000),
@@ -326,12 +371,46 @@ class JobRecords:
         self.client.hset(job_key(job_id), mapping=_encode(
             {"state": "failed", "error": error, "finished_at": utc_now()}))
 
+    def restore(self, job_id: str, owner: str | None, lease_seconds: float,
+                fields: dict[str, Any], log_lines: list[str], created: float,
+                logged_epochs: Iterable[int] = ()) -> bool:
+        """Write back the record of a job Redis lost (held by ``owner`` if it is running),
+        with its log lines. False if a record exists (someone restored it first)."""
+        running = fields.get("state") == "running"
+        fields = {**fields, "owner": owner if running else None}
+        restored = bool(self._restore(
+            keys=[job_key(job_id), lease_key(job_id), RUNNING_KEY, INDEX_KEY, log_key(job_id)],
+            args=[job_id, json.dumps(owner), int(lease_seconds * 1000), created,
+                  1 if running else 0, len(fields),
+                  *_flat(fields),
+                  *log_lines[-MAX_LOG_LINES:]]))
+        if restored and (epochs := list(logged_epochs)):
+            self.client.sadd(logged_epochs_key(job_id), *epochs)
+        return restored
+
     # --- cancel --------------------------------------------------------------------------
 
     def request_cancel(self, job_id: str) -> str:
         """Returns the state the job was in: ``missing``, ``queued`` (now cancelled),
-        ``running`` (flagged; its worker stops it at the next batch) or a terminal state."""
-        return str(self._cancel(keys=[job_key(job_id)], args=[json.dumps(utc_now())]))
+        ``running`` (flagged; its worker stops it at the next batch), ``lost`` (it was
+        running, but its worker's lease had expired: now cancelled) or a terminal state."""
+        return str(self._cancel(keys=[job_key(job_id), lease_key(job_id), RUNNING_KEY],
+                                args=[job_id, json.dumps(utc_now())]))
+
+    # --- workers ------------------------------------------------------------------------
+
+    def announce_worker(self, name: str, queues: Iterable[str], ttl_seconds: float) -> None:
+        """``name`` takes jobs from ``queues``; it says so again before ``ttl_seconds``."""
+        self.client.set(f"{WORKER_KEY_PREFIX}{name}",
+                        json.dumps({"name": name, "queues": sorted(queues),
+                                    "seen_at": utc_now()}),
+                        px=int(ttl_seconds * 1000))
+
+    def live_workers(self) -> list[dict[str, Any]]:
+        """The workers that announced themselves within their ttl."""
+        keys = list(self.client.scan_iter(match=f"{WORKER_KEY_PREFIX}*", count=100))
+        values = self.client.mget(keys) if keys else []
+        return [json.loads(value) for value in values if value]
 
     # --- logs ----------------------------------------------------------------------------
 

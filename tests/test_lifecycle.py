@@ -25,7 +25,7 @@ SPEC = build_spec({"model": "numpy-cnn", "dataset": "digits", "epochs": 3})
 #: only when called on something named like a records client.
 STATE_WRITERS = {"update_owned", "update_status", "fail_unclaimed", "requeue_if_dead",
                  "request_cancel"}
-RECORD_WRITERS = {"create", "claim", "heartbeat", "release"}
+RECORD_WRITERS = {"create", "claim", "heartbeat", "release", "restore"}
 
 
 def state_writes(path: Path) -> list[str]:

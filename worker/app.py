@@ -111,7 +111,8 @@ def _prepare_worker(sender=None, **_kwargs) -> None:
 def _start_reaper(sender=None, **_kwargs) -> None:
     from labctl.worker.reaper import start_reaper
 
-    start_reaper(app)
+    start_reaper(app, worker=getattr(sender, "hostname", None),
+                 queues=tuple(app.amqp.queues.consume_from or ()))
 
 
 @signals.worker_shutting_down.connect

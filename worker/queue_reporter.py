@@ -113,8 +113,13 @@ class QueueReporter(Reporter):
         while True:
             try:
                 self._flush_lines()
-                if not lifecycle.ended(self.records, self.job_id, self.owner, state,
-                                       error=error, summary=result.get("summary")):
+                if lifecycle.ended(self.records, self.job_id, self.owner, state,
+                                   error=error, summary=result.get("summary")):
+                    return
+                # Not ours: another attempt holds it, or Redis lost the record, which is
+                # then written back from the folder, where the run has just recorded its end.
+                missing = self.records.state(self.job_id) is None
+                if not (missing and self.heartbeat.restore_if_missing()):
                     log.warning("job %s ended %s but is no longer ours; record left alone",
                                 self.job_id, state)
                 return

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from labctl.shared import lifecycle
-from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.artifacts import ArtifactStore, JobFolder
 from labctl.shared.lifecycle import Beat
 from labctl.shared.records import MAX_WORKER_LOSSES, JobRecords, connect
 from labctl.shared.settings import get_settings
@@ -51,10 +51,12 @@ class Heartbeat(threading.Thread):
     each beat is left in ``lost`` / ``cancel_requested`` for the reporter to act on."""
 
     def __init__(self, records: JobRecords, job_id: str, owner: str, *,
-                 interval: float, lease_seconds: float):
+                 interval: float, lease_seconds: float, folder: JobFolder | None = None):
         super().__init__(name=f"labctl-heartbeat-{job_id}", daemon=True)
         self.records, self.job_id, self.owner = records, job_id, owner
         self.interval, self.lease_seconds = interval, lease_seconds
+        #: where a record Redis lost is restored from (None: a lost record is a lost job)
+        self.folder = folder
         self.lost = threading.Event()             # another attempt owns the job now
         self.cancel_requested = threading.Event()
         self._stop_event = threading.Event()
@@ -67,11 +69,19 @@ class Heartbeat(threading.Thread):
         try:
             beat = lifecycle.heartbeat(self.records, self.job_id, self.owner,
                                        self.lease_seconds)
+            if (beat is Beat.MISSING and self.folder is not None
+                    and not self._stop_event.is_set()):
+                if not self.restore_if_missing():
+                    return  # the folder could not be read: try again at the next beat
+                # Restored, by this thread or a racing one: ours again unless another
+                # attempt's record took its place.
+                beat = lifecycle.heartbeat(self.records, self.job_id, self.owner,
+                                           self.lease_seconds)
         except redis.RedisError as exc:
             # Redis restarting: the lease outlives a short outage; keep trying.
             log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
             return
-        if beat is Beat.LOST:
+        if beat in (Beat.LOST, Beat.MISSING):
             if self._stop_event.is_set():
                 return  # the job just ended: its final update released the lease
             if not self.lost.is_set():
@@ -81,6 +91,20 @@ class Heartbeat(threading.Thread):
         elif beat is Beat.CANCEL_REQUESTED:
             self.cancel_requested.set()
 
+    def restore_if_missing(self) -> bool:
+        """Write the job's record back from its folder if Redis has none. True if a record
+        exists afterwards (restored here or by a racing thread)."""
+        if self.folder is None:
+            return False
+        try:
+            if self.records.state(self.job_id) is None:
+                lifecycle.restore_record(self.records, self.folder, self.job_id, self.owner,
+                                         lease_seconds=self.lease_seconds)
+            return True
+        except (redis.RedisError, OSError, ValueError) as exc:
+            log.warning("job %s: its record could not be restored yet: %s", self.job_id, exc)
+            return False
+
     def stop(self) -> None:
         self._stop_event.set()
 
@@ -89,20 +113,28 @@ class Reaper(threading.Thread):
     """Requeues running jobs whose lease expired. One per worker process."""
 
     def __init__(self, app: Any, records: JobRecords, *, interval: float,
-                 max_losses: int = MAX_WORKER_LOSSES):
+                 max_losses: int = MAX_WORKER_LOSSES, worker: str | None = None,
+                 queues: tuple[str, ...] = ()):
         super().__init__(name="labctl-reaper", daemon=True)
         self.app, self.records = app, records
         self.interval, self.max_losses = interval, max_losses
+        #: this worker's name and queues, announced each round (``labctl submit --follow``
+        #: says when no live worker takes the job's queue)
+        self.worker, self.queues = worker, queues
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
+        while True:
             try:
+                if self.worker:
+                    self.records.announce_worker(self.worker, self.queues, 3 * self.interval)
                 self.sweep()
             except redis.RedisError as exc:
                 log.warning("reaper: Redis unavailable (%s); retrying", exc)
             except Exception:  # the reaper must outlive any single bad record
                 log.exception("reaper: sweep failed")
+            if self._stop_event.wait(self.interval):
+                return
 
     def sweep(self) -> list[str]:
         """One pass over the running jobs; returns the ids it requeued."""
@@ -141,13 +173,14 @@ def send_job(app: Any, records: JobRecords, job_id: str, attempt: int) -> None:
 _reaper: Reaper | None = None
 
 
-def start_reaper(app: Any) -> Reaper:
-    """Start this process' reaper thread (idempotent)."""
+def start_reaper(app: Any, worker: str | None = None, queues: tuple[str, ...] = ()) -> Reaper:
+    """Start this process' reaper thread (idempotent); it also announces ``worker``."""
     global _reaper
     if _reaper is None or not _reaper.is_alive():
         settings = get_settings()
         _reaper = Reaper(app, worker_records(),
-                         interval=reaper_interval(settings.heartbeat_timeout_seconds))
+                         interval=reaper_interval(settings.heartbeat_timeout_seconds),
+                         worker=worker, queues=queues)
         _reaper.start()
         log.info("reaper started: requeues jobs silent for %.1fs",
                  settings.heartbeat_timeout_seconds)

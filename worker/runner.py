@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from labctl.shared import lifecycle
+from labctl.shared import folder_lock, lifecycle
 from labctl.shared.artifacts import ArtifactStore, JobFolder, utc_now, write_json
+from labctl.shared.folder_lock import FolderBusy
 from labctl.shared.jobstate import EpochRow, JobState, Summary
 from labctl.shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
 from labctl.worker.engine import (
@@ -104,7 +105,7 @@ class RunOutcome:
     error: str | None = None
     summary: Summary = field(default_factory=dict)  # type: ignore[arg-type]
     #: why it did not succeed: "input" (bad spec or data: the user's to fix), "diverged",
-    #: "crash", "cancelled"; None on success
+    #: "crash", "cancelled", "busy" (another process is writing its folder); None on success
     failure: str | None = None
 
 
@@ -140,8 +141,13 @@ def outcome_line(state: str, error: str | None, summary: Summary | None) -> str:
 
 def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter | None = None,
             *, default_data_root: str | None = None, allowed_data_dir: str | None = None,
-            status_extra: dict[str, Any] | None = None) -> RunOutcome:
+            status_extra: dict[str, Any] | None = None, writer: str = folder_lock.LOCAL_RUN
+            ) -> RunOutcome:
     """Run ``spec`` to the end, resuming from the job's checkpoint if one exists.
+
+    The run holds the job folder's lock (``shared/folder_lock.py``) while it writes; a
+    folder another process on this host is writing is left untouched and the outcome says
+    who has it (``failure="busy"``). ``writer`` is how this run names itself there.
 
     Never raises for a failed job: the outcome (and status.json) says why. Only
     ``KeyboardInterrupt`` is turned into ``cancelled`` and then re-raised, so Ctrl-C still
@@ -151,9 +157,26 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
     spec = resolve_data_root(spec, default_data_root)
     folder = store.job(job_id)
     try:
+        folder.create()
+        with folder_lock.hold(folder.path, writer):
+            return _run_holding_lock(spec, folder, reporter, allowed_data_dir, status_extra)
+    except FolderBusy as busy:
+        error = f"its folder is being written by {busy.holder}"
+        failure = "busy"
+    except OSError as exc:  # an unwritable store: no folder to record it in
+        error, failure = f"cannot write the job folder {folder.path}: {exc}", "crash"
+    # The reporter (the queue's record) is the only witness: the folder is not ours to write.
+    reporter.on_end(JobState.FAILED, {"error": error, "summary": {}})
+    return RunOutcome(job_id, JobState.FAILED, error, {}, failure=failure)
+
+
+def _run_holding_lock(spec: JobSpec, folder: JobFolder, reporter: Reporter,
+                      allowed_data_dir: str | None, status_extra: dict[str, Any] | None
+                      ) -> RunOutcome:
+    job_id = folder.job_id
+    try:
         status = lifecycle.run_started(folder, spec, status_extra)
     except (OSError, ValueError) as exc:  # unwritable store, or a corrupt status.json
-        # No folder to record it in: the reporter (the queue's record) is the only witness.
         error = f"cannot write the job folder {folder.path}: {exc}"
         reporter.on_end(JobState.FAILED, {"error": error, "summary": {}})
         return RunOutcome(job_id, JobState.FAILED, error, {}, failure="crash")

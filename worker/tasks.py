@@ -106,7 +106,8 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
                  attempt: int, owner: str, hostname: str) -> dict[str, Any]:
     settings = get_settings()
     heartbeat = Heartbeat(records, job_id, owner, interval=settings.heartbeat_seconds,
-                          lease_seconds=settings.heartbeat_timeout_seconds)
+                          lease_seconds=settings.heartbeat_timeout_seconds,
+                          folder=store.job(job_id))
     reporter = Reporters(QueueReporter(records, job_id, owner, heartbeat),
                          *extra_reporters(spec, job_id))
     record = records.get(job_id) or {}
@@ -115,7 +116,8 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
     heartbeat.start()
     try:
         outcome = run_job(spec, job_id, store, reporter, default_data_root=settings.data_dir,
-                          allowed_data_dir=settings.data_dir, status_extra=status_extra)
+                          allowed_data_dir=settings.data_dir, status_extra=status_extra,
+                          writer=f"worker {hostname}")
     except JobReleased as released:
         reporter.close()  # on_end never ran: drop the job's live metric series here
         return _released(records, job_id, attempt, owner, released)
