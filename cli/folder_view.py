@@ -39,7 +39,7 @@ def folder_record(folder: JobFolder) -> dict[str, Any] | None:
         return None
     spec = folder.read_spec() or {}
     record = {key: spec.get(key) for key in ("model", "optimizer", "dataset", "name",
-                                             "sweep_id")}
+                                             "sweep_id", "priority")}
     record.update(status)
     record.setdefault("id", folder.job_id)
     record.setdefault("epochs", spec.get("epochs"))

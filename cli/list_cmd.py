@@ -10,17 +10,19 @@ import click
 from labctl.cli.broker import broker_errors, open_records
 from labctl.cli.errors import BrokerUnavailable
 from labctl.cli.folder_view import ABANDONED, FROM_FOLDER, folder_records
+from labctl.cli.style import state_text
 from labctl.shared.artifacts import ArtifactStore
 from labctl.shared.jobstate import STATES
 from labctl.shared.records import INDEX_KEY
 from labctl.shared.settings import get_settings
 
-HEADER = ["ID", "STATE", "QUEUE", "MODEL/OPT", "DATASET", "EPOCH", "ACC", "WORKER"]
+HEADER = ["ID", "STATE", "QUEUE", "PRIORITY", "MODEL/OPT", "DATASET", "EPOCH", "ACC", "WORKER"]
 
 
 def table_row(job: dict[str, Any]) -> list[str]:
     acc = (job.get("metrics") or {}).get("test_accuracy")
-    return [job.get("id") or "?", job.get("state") or "?", job.get("queue") or "-",
+    priority = job.get("priority") or (job.get("spec") or {}).get("priority") or "normal"
+    return [job.get("id") or "?", job.get("state") or "?", job.get("queue") or "-", priority,
             f"{job.get('model') or '?'}/{job.get('optimizer') or '?'}",
             job.get("dataset") or "-", f"{job.get('epoch') or 0}/{job.get('epochs') or '?'}",
             f"{acc:.4f}" if isinstance(acc, int | float) else "-", job.get("worker") or "-"]
@@ -42,7 +44,10 @@ def list_with_folders(state: str | None, limit: int) -> tuple[list[dict[str, Any
         jobs = records.list(state=state, limit=limit)
         known = set(records.client.zrange(INDEX_KEY, 0, -1))
     local = folder_records(store, skip=known, state=state)
-    merged = sorted(jobs + local, key=lambda job: job["id"], reverse=True)[:limit]
+    # Newest first, by when each job was created (a folder knows when it started); the
+    # sort is stable, so Redis' own order stands between records created together.
+    merged = sorted(jobs + local, key=lambda job: job.get("created_at")
+                    or job.get("started_at") or "", reverse=True)[:limit]
     shown = sum(1 for job in merged if job.get("source") == FROM_FOLDER)
     note = (f"{shown} job(s) read from their folders in {store.root} (Redis has no record "
             "of them)" if shown else "")
@@ -69,6 +74,8 @@ def list_jobs(state: str | None, limit: int, as_json: bool) -> None:
         return
     rows = [HEADER] + [table_row(job) for job in jobs]
     widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
-                                                                      strict=True)).rstrip())
+    for index, row in enumerate(rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        if index:  # padded first: the colour codes take no room on the screen
+            cells[1] = state_text(row[1], cells[1])
+        click.echo("  ".join(cells).rstrip())

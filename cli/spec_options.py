@@ -8,6 +8,7 @@ the spec itself, naming the field ("epochs: Input should be greater than or equa
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
@@ -17,7 +18,7 @@ from labctl.cli.errors import BadSpec
 from labctl.shared.spec import JobSpec, SpecError, build_spec, load_spec_file
 
 # (flag declarations, spec field); each flag's help comes from the field (field_help).
-# Non-boolean flags take text; pydantic parses it.
+# Numbers are read strictly (:class:`SpecNumber`); pydantic checks every value's range.
 VALUE_FLAGS: list[tuple[tuple[str, ...], str]] = [
     (("--model",), "model"),
     (("--opt", "--optimizer"), "optimizer"),
@@ -38,6 +39,7 @@ VALUE_FLAGS: list[tuple[tuple[str, ...], str]] = [
     (("--num-workers",), "num_workers"),
     (("--init-weights",), "init_weights"),
     (("--name",), "name"),
+    (("--priority",), "priority"),
 ]
 BOOL_FLAGS: list[tuple[str, str]] = [
     ("--amp/--no-amp", "amp"),
@@ -48,6 +50,63 @@ BOOL_FLAGS: list[tuple[str, str]] = [
 _PREFIX = "spec__"
 
 
+class SpecNumber(click.ParamType):
+    """An INTEGER or FLOAT flag, written plainly: ``5_0`` or ``0x10`` are refused (Python's
+    ``int()`` would read them as 50 and 16). The range is left to the spec, whose message
+    names the field."""
+
+    _PATTERNS = {"integer": r"[+-]?\d+",
+                 "float": r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"}
+
+    def __init__(self, kind: str, field: str, *, lists: bool = False):
+        self.name, self.kind = kind, int if kind == "integer" else float
+        self.field, self.lists = field, lists
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return f"{self.name.upper()}[,...]" if self.lists else self.name.upper()
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        text = str(value).strip()
+        items = [item.strip() for item in text.split(",")] if self.lists else [text]
+        for item in items:
+            if (item or not self.lists) and not re.fullmatch(self._PATTERNS[self.name], item):
+                # As the spec's own errors read: one line naming the field, exit 2.
+                raise BadSpec(f"{self.field}: {item!r} is not "
+                              f"{'an' if self.name == 'integer' else 'a'} {self.name}")
+        # A comma list stays text for the sweep's grid (empty items are the grid's to refuse).
+        return text if len(items) > 1 or not text else self.kind(text)
+
+
+def flag_type(name: str, lists: bool = False) -> click.ParamType | None:
+    """INTEGER or FLOAT for numeric fields (``int | None`` included); None: text. With
+    ``lists``, a comma list of them (``labctl sweep``)."""
+    annotation = JobSpec.model_fields[name].annotation
+    kinds = {annotation, *get_args(annotation)}
+    if int in kinds:
+        return SpecNumber("integer", name, lists=lists)
+    if float in kinds:
+        return SpecNumber("float", name, lists=lists)
+    return None
+
+
+def value_range(name: str) -> str:
+    """The field's bounds as Click writes a range, e.g. ``1<=x<=1000``; '' if none."""
+    low = high = ""
+    for rule in JobSpec.model_fields[name].metadata:
+        if (ge := getattr(rule, "ge", None)) is not None:
+            low = f"{ge}<="
+        if (gt := getattr(rule, "gt", None)) is not None:
+            low = f"{gt}<"
+        if (le := getattr(rule, "le", None)) is not None:
+            high = f"<={le}"
+        if (lt := getattr(rule, "lt", None)) is not None:
+            high = f"<{lt}"
+    return f"{low}x{high}" if low or high else ""
+
+
 def field_help(name: str) -> str:
     """A flag's help from its spec field: the description, the choices, ``[default]``."""
     info = JobSpec.model_fields[name]
@@ -55,6 +114,8 @@ def field_help(name: str) -> str:
     if get_origin(info.annotation) is Literal:
         text += f" ({' | '.join(get_args(info.annotation))})"
     default = info.get_default(call_default_factory=True)
+    if bounds := value_range(name):
+        text += f" ({bounds})"
     if isinstance(default, bool):
         text += f" [{'on' if default else 'off'}]"
     elif default is not None:
@@ -62,9 +123,12 @@ def field_help(name: str) -> str:
     return text
 
 
-def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def spec_options(fn: Callable[..., Any] | None = None, *, lists: bool = False) -> Any:
     """Add ``-f FILE`` and every spec flag; the command receives ``spec_values: dict``
-    (file fields overridden by the flags that were given)."""
+    (file fields overridden by the flags that were given). ``@spec_options(lists=True)``:
+    numeric flags also take comma lists (``labctl sweep``)."""
+    if fn is None:
+        return functools.partial(spec_options, lists=lists)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -83,7 +147,7 @@ def spec_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     # Click applies decorators bottom-up; reversed keeps --help in the table's order.
     for decls, field in reversed(VALUE_FLAGS):
         wrapper = click.option(*decls, _PREFIX + field, default=None,
-                               help=field_help(field))(wrapper)
+                               type=flag_type(field, lists), help=field_help(field))(wrapper)
     for decl, field in reversed(BOOL_FLAGS):
         wrapper = click.option(decl, _PREFIX + field, default=None,
                                help=field_help(field))(wrapper)

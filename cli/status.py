@@ -10,6 +10,7 @@ import click
 from labctl.cli.broker import broker_errors, checked_job_id, find_job
 from labctl.cli.errors import NotFound
 from labctl.cli.folder_view import FROM_FOLDER, folder_record
+from labctl.cli.style import state_text
 from labctl.shared.jobstate import JobState
 
 #: Always present in --json output, even before the worker filled them in.
@@ -79,4 +80,5 @@ def status(job_id: str, as_json: bool) -> None:
     rows = describe(record)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
-        click.echo(f"{label:<{width}}  {value}")
+        shown = state_text(value) if label == "state" else value
+        click.echo(f"{label:<{width}}  {shown}")

@@ -46,7 +46,7 @@ def build_grid(spec_values: dict, seeds: int | None, sweep_id: str
 
 @click.command("sweep", short_help=(
     "Submit a grid of jobs: the product of the comma lists given, times the seeds."))
-@spec_options
+@spec_options(lists=True)
 @click.option("--seeds", type=int, default=None,
               help="run seeds 0..N-1 (or give --seed 0,1,2)")
 @click.option("--local", is_flag=True,

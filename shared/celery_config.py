@@ -16,6 +16,19 @@ from kombu import Exchange, Queue
 TASK_NAME = "labctl.run_job"
 #: The Celery queues a job can be routed to (kombu keeps each in a Redis list of that name).
 QUEUES = ("cpu", "gpu")
+#: ``JobSpec.priority`` as kombu's Redis priority (0 is served first). Kombu keeps one list
+#: per step (0, 3, 6, 9) for each queue and a worker pops the lowest step first.
+PRIORITIES = {"high": 0, "normal": 3, "low": 9}
+PRIORITY_STEPS = [0, 3, 6, 9]
+#: kombu.transport.redis.Channel.sep: between a queue's name and its priority step.
+PRIORITY_SEP = "\x06\x16"
+
+
+def priority_list(queue: str, priority: str = "normal") -> str:
+    """The Redis list kombu keeps ``queue``'s messages of ``priority`` in."""
+    step = PRIORITIES[priority]
+    return f"{queue}{PRIORITY_SEP}{step}" if step else queue
+
 #: Fast socket timeouts: a dead Redis is noticed in seconds, and then retried.
 SOCKET_TIMEOUT = 10.0
 
@@ -32,6 +45,9 @@ def celery_settings() -> dict[str, Any]:
                      for name in QUEUES],
         task_default_queue="cpu", task_default_exchange="cpu", task_default_routing_key="cpu",
         task_create_missing_queues=False,
+        # A message sent without a priority (by hand, or by an older labctl) is normal, not
+        # kombu's default 0, which would make it overtake every queued job.
+        task_default_priority=PRIORITIES["normal"],
         # Ack after the job, so a worker that dies mid-job has not consumed the message;
         # recovery itself is the reaper's job (heartbeats), see worker/reaper.py.
         task_acks_late=True,
@@ -55,6 +71,8 @@ def celery_settings() -> dict[str, Any]:
             # kombu re-delivers unacked messages after this long whether or not the job is
             # still running; the task's claim check makes such a redelivery a no-op.
             "visibility_timeout": 3600,
+            "priority_steps": PRIORITY_STEPS,
+            "queue_order_strategy": "priority",
             "socket_timeout": SOCKET_TIMEOUT,
             "socket_connect_timeout": SOCKET_TIMEOUT,
             "retry_on_timeout": True,

@@ -105,4 +105,5 @@ class JobRecord(TypedDict, total=False):
     name: str | None
     tags: list[str]
     sweep_id: str | None
+    priority: str  # high | normal | low
     spec: dict[str, Any]

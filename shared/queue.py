@@ -68,8 +68,9 @@ def celery_app() -> Any:
 def enqueue(job_id: str, spec: dict[str, Any], *, attempt: int, queue: str,
             app: Any = None) -> None:
     """Send the Celery message for ``attempt`` of a job whose record is already queued."""
-    from labctl.shared.celery_config import TASK_NAME
+    from labctl.shared.celery_config import PRIORITIES, TASK_NAME
 
     app = app or celery_app()
     app.send_task(TASK_NAME, args=[job_id, spec, attempt], queue=queue,
-                  task_id=f"{job_id}.{attempt}")
+                  task_id=f"{job_id}.{attempt}",
+                  priority=PRIORITIES[spec.get("priority") or "normal"])

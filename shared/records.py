@@ -261,7 +261,7 @@ def initial_record(job_id: str, spec: JobSpec, queue: str) -> JobRecord:
         "worker": None, "artifacts": None, "cancel_requested": False,
         "model": spec.model, "optimizer": spec.optimizer, "dataset": spec.dataset,
         "name": spec.name, "tags": list(spec.tags), "sweep_id": spec.sweep_id,
-        "spec": spec.model_dump(mode="json"),
+        "priority": spec.priority, "spec": spec.model_dump(mode="json"),
     }
 
 

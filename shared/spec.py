@@ -25,6 +25,7 @@ Model = Literal["numpy-cnn", "resnet50"]
 Optimizer = Literal["adam", "adamax"]
 Dataset = Literal["digits", "mnist", "stanford-cars", "imagefolder", "synthetic"]
 LrSchedule = Literal["constant", "cosine"]
+Priority = Literal["high", "normal", "low"]
 
 #: Kingma & Ba (2015), Algorithm 1 and section 7.1.
 DEFAULT_LR = {"adam": 1e-3, "adamax": 2e-3}
@@ -97,6 +98,9 @@ class JobSpec(BaseModel):
     tags: list[str] = Field(default_factory=list, max_length=20, description="Free labels.",
                             json_schema_extra={"default": []})
     sweep_id: str | None = Field(None, pattern=NAME_PATTERN, description="Set by labctl sweep.")
+    priority: Priority = Field(
+        "normal", description="Queue priority: a waiting high job starts before normal and "
+        "low ones (a running job is never interrupted).")
 
     @field_validator("betas")
     @classmethod

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from labctl.cli.main import cli
 from labctl.shared.artifacts import ArtifactStore, new_job_id
+from labctl.shared.celery_config import priority_list
 from labctl.shared.records import JobRecords
 from labctl.shared.spec import build_spec
 from labctl.shared.testing import free_port
@@ -197,8 +198,9 @@ def test_submit_prints_the_id_first_and_routes_by_model(records, redis_server):
     assert record["state"] == "queued" and record["queue"] == "cpu"
     assert record["spec"]["data_root"] is None  # resolved by the worker
     client = redis_server.client()
-    assert client.llen("cpu") == 1 and client.llen("gpu") == 0
-    message = json.loads(client.lindex("cpu", 0))
+    cpu, gpu = priority_list("cpu"), priority_list("gpu")  # normal priority
+    assert client.llen(cpu) == 1 and client.llen(gpu) == 0
+    message = json.loads(client.lindex(cpu, 0))
     assert message["headers"]["task"] == "labctl.run_job"
     assert message["headers"]["id"] == f"{job_id}.1"
 
@@ -209,7 +211,7 @@ def test_submit_with_only_the_optimizer_is_the_flagship_run(records, redis_serve
     record = records.get(result.stdout.splitlines()[0])
     assert (record["model"], record["optimizer"], record["dataset"]) == \
         ("resnet50", "adamax", "stanford-cars")
-    assert record["queue"] == "gpu" and redis_server.client().llen("gpu") == 1
+    assert record["queue"] == "gpu" and redis_server.client().llen(priority_list("gpu")) == 1
 
 
 def test_submit_json_and_bad_spec(records):

@@ -42,7 +42,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from labctl.shared.celery_config import QUEUES
+from labctl.shared.celery_config import PRIORITY_SEP, PRIORITY_STEPS, QUEUES
 from labctl.shared.jobstate import STATES, TERMINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ class QueueDepthCollector(Collector):
     a scrape never fails because Redis is down.
     """
 
-    SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
-    PRIORITY_STEPS = (0, 3, 6, 9)  # kombu.transport.redis.PRIORITY_STEPS
+    SEP = PRIORITY_SEP
+    PRIORITY_STEPS = tuple(PRIORITY_STEPS)
 
     def __init__(self, redis_url: str, queues: Iterable[str] = QUEUES, *, key_prefix: str = "",
                  timeout: float = 1.0):
