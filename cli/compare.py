@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import click
 
@@ -40,7 +41,8 @@ def load_analysis(refs: tuple[str, ...], artifacts_dir: str | None, by: str):
               help="spec field whose values are compared; other differing fields split "
                    "the runs into separate setups")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="write overlaid loss/accuracy/F1 curves (mean ± std) to this PNG")
+              help="write overlaid loss/accuracy/F1 curves (mean ± std) to this image "
+                   "(.png, .jpg, .pdf or .svg)")
 @click.option("--json", "as_json", is_flag=True, help="print figures and tests as JSON")
 def compare(refs: tuple[str, ...], artifacts_dir: str | None, by: str, output: str | None,
             as_json: bool) -> None:
@@ -56,11 +58,14 @@ def compare(refs: tuple[str, ...], artifacts_dir: str | None, by: str, output: s
             plot_curves(analysis.blocks, ["loss", "accuracy", "f1"], output)
         except OSError as exc:
             raise BadSpec(f"cannot write {output}: {exc.strerror}") from None
+        except ValueError as exc:  # an extension no image format has
+            raise BadSpec(f"-o {exc}") from None
         click.echo(f"labctl: curves written to {output}", err=True)
     if as_json:
         click.echo(json.dumps(analysis.to_json(), indent=2, default=str))
         return
-    click.echo(render_text(*comparison_rows(analysis.blocks)))
+    click.echo(render_text(*comparison_rows(analysis.blocks),
+                           width=shutil.get_terminal_size().columns))
     for i, block in enumerate(analysis.blocks):
         tests = analysis.tests[i]
         if not tests:

@@ -113,7 +113,8 @@ def _run_locally(root: str, entries: list[dict], specs: list[JobSpec]) -> dict[s
     states = {}
     for n, (entry, spec) in enumerate(zip(entries, specs, strict=True), start=1):
         job_id = entry["job_id"]
-        click.echo(f"[{n}/{len(entries)}] {job_id} {entry['params']}", err=True)
+        settings = " ".join(f"{k}={v}" for k, v in entry["params"].items())
+        click.echo(f"[{n}/{len(entries)}] {job_id} {settings}".rstrip(), err=True)
         try:
             outcome = run_in_foreground(spec, job_id, store)
         except KeyboardInterruptWithOutcome:
@@ -123,6 +124,12 @@ def _run_locally(root: str, entries: list[dict], specs: list[JobSpec]) -> dict[s
         states[job_id] = outcome.state
         if outcome.state != "succeeded":
             click.echo(f"labctl: job {job_id} {outcome.state}: {outcome.error}", err=True)
+        else:
+            final = outcome.summary.get("final") or {}
+            click.echo(f"[{n}/{len(entries)}] {job_id} succeeded: test accuracy "
+                       f"{final.get('test_accuracy', float('nan')):.4f}, macro-F1 "
+                       f"{final.get('test_f1_macro', float('nan')):.4f} "
+                       f"({outcome.summary.get('total_seconds', 0):.1f}s)", err=True)
     return states
 
 

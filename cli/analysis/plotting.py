@@ -38,7 +38,7 @@ def plot_curves(blocks: list[Block], curves: list[str], path: Path,
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from labctl.worker.plots import save_figure
+    from labctl.worker.plots import marker, save_figure
 
     n_blocks, n_curves = len(blocks), len(curves)
     rows, cols = (n_blocks, n_curves) if blocks_as_rows else (n_curves, n_blocks)
@@ -52,7 +52,8 @@ def plot_curves(blocks: list[Block], curves: list[str], path: Path,
                 colour = colours[g % len(colours)]
                 epochs, mean, std = mean_curve(group, key)
                 label = f"{group.label} (n={len(group.runs)})"
-                ax.plot(epochs, mean, "-", color=colour, label=label, marker="o", markersize=3)
+                ax.plot(epochs, mean, marker("o", len(epochs)) + "-", color=colour,
+                        label=label, markersize=3)
                 ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2,
                                 linewidth=0)
                 if companion:

@@ -7,6 +7,7 @@ a job folder path; a folder of job folders. Only the files on disk are read.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,7 @@ def select_runs(refs: list[str], root: str | Path) -> Selection:
     root = Path(root)
     selection = Selection(runs=[])
     seen: set[Path] = set()
+    unfinished: list[tuple[str, str]] = []  # (state, note)
     for ref in refs:
         for path in _resolve(ref, root, selection):
             key = path.resolve()
@@ -131,13 +133,29 @@ def select_runs(refs: list[str], root: str | Path) -> Selection:
                 selection.skipped.append(f"{path.name}: damaged, {exc}")
                 continue
             if run is None:
-                selection.skipped.append(f"{path.name}: no spec.json yet (queued?)")
+                unfinished.append(("queued", f"{path.name}: no spec.json yet (queued?)"))
             elif not run.usable:
                 epoch = len(run.metrics)
-                selection.skipped.append(f"{run.job_id}: {run.state} after {epoch} epoch(s)")
+                unfinished.append((run.state or "unknown",
+                                   f"{run.job_id}: {run.state} after {epoch} epoch(s)"))
             else:
                 selection.runs.append(run)
+    selection.skipped.extend(summarise_unfinished(unfinished))
     return selection
+
+
+#: Up to this many unfinished runs are named one by one; more are counted by state.
+NAMED_UNFINISHED = 5
+
+
+def summarise_unfinished(unfinished: list[tuple[str, str]]) -> list[str]:
+    """One note per unfinished run, or, for a big sweep still under way, one short line:
+    "240 not finished (238 queued, 2 running)"."""
+    if len(unfinished) <= NAMED_UNFINISHED:
+        return [note for _, note in unfinished]
+    counts = Counter(state for state, _ in unfinished)
+    return [f"{len(unfinished)} not finished ("
+            + ", ".join(f"{n} {state}" for state, n in counts.most_common()) + ")"]
 
 
 def _resolve(ref: str, root: Path, selection: Selection) -> list[Path]:

@@ -55,7 +55,48 @@ def comparison_rows(blocks: list[Block]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def render_text(header: list[str], rows: list[list[str]]) -> str:
+#: The narrowest a "setup" cell is abbreviated to before the table is split instead.
+MIN_SETUP_WIDTH = 16
+
+
+def render_text(header: list[str], rows: list[list[str]], width: int | None = None) -> str:
+    """A plain table. With ``width`` (the terminal's), it fits: a long ``setup`` column is
+    abbreviated first (its full text stays in --json), then the figure columns are split
+    into stacked tables that repeat the columns naming each row."""
+    if width is None or _table_width(header, rows) <= width:
+        return _render(header, rows)
+    if header[0] == "setup":
+        others = _table_width(header[1:], [row[1:] for row in rows]) + 2
+        room = max(MIN_SETUP_WIDTH, width - others)
+        rows = [[_abbreviate(row[0], room), *row[1:]] for row in rows]
+    if _table_width(header, rows) <= width:
+        return _render(header, rows)
+    keys = header.index("seeds") + 1 if "seeds" in header else 1
+    parts, columns = [], list(range(keys, len(header)))
+    while columns:
+        chunk = [columns.pop(0)]
+        while columns and _table_width(*_pick(header, rows, keys, chunk + columns[:1])) <= width:
+            chunk.append(columns.pop(0))
+        parts.append(_render(*_pick(header, rows, keys, chunk)))
+    return "\n\n".join(parts)
+
+
+def _pick(header: list[str], rows: list[list[str]], keys: int, columns: list[int]
+          ) -> tuple[list[str], list[list[str]]]:
+    wanted = list(range(keys)) + columns
+    return [header[i] for i in wanted], [[row[i] for i in wanted] for row in rows]
+
+
+def _abbreviate(text: str, room: int) -> str:
+    return text if len(text) <= room else text[:room - 1] + "…"
+
+
+def _table_width(header: list[str], rows: list[list[str]]) -> int:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _render(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
              for line in [header, *rows]]
