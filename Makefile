@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 ## demo: train the NumPy CNN with AdaMax on the bundled digits, in-process (no Redis, no Docker)
 demo: $(STAMP)
 	$(VENV)/bin/labctl run --model numpy-cnn --opt adamax --dataset digits \
-		--epochs 10 --batch-size 16 --lr 5e-3 --artifacts-dir $(ARTIFACTS)
+		--epochs 10 --artifacts-dir $(ARTIFACTS)
 
 ## test: the whole suite, integration tests included (they start their own redis-server)
 test: $(STAMP)

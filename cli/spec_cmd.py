@@ -6,7 +6,8 @@ import json
 
 import click
 
-from labctl.cli.spec_options import load_file_or_fail, spec_options, to_spec
+from labctl.cli.spec_options import load_file_or_fail, spec_options, to_spec, to_spec_and_recipe
+from labctl.shared.recipes import recipe_for
 from labctl.shared.spec import spec_schema
 
 
@@ -32,8 +33,15 @@ def schema(as_json: bool) -> None:
 @spec_options
 @_accept_json
 def show(spec_values: dict, as_json: bool) -> None:
-    """Print the spec that these options produce, defaults filled in."""
-    spec = to_spec(spec_values)
+    """Print the spec that these options produce, defaults filled in; say on stderr which
+    values came from the recipe of its model and dataset."""
+    spec, from_recipe = to_spec_and_recipe(spec_values)
+    recipe = recipe_for(spec_values)
+    if recipe is not None and spec.lr is None and spec.optimizer in recipe.lr:
+        from_recipe["lr"] = recipe.lr[spec.optimizer]
+    if from_recipe and recipe is not None:
+        click.echo(f"labctl: from the {recipe.name} recipe: "
+                   + ", ".join(f"{k}={v}" for k, v in from_recipe.items()), err=True)
     resolved = spec.model_dump(mode="json")
     resolved["lr"] = spec.effective_lr
     resolved["image_size"] = spec.effective_image_size

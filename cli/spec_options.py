@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin
 import click
 
 from labctl.cli.errors import BadSpec
+from labctl.shared.recipes import with_recipe
 from labctl.shared.spec import JobSpec, SpecError, build_spec, load_spec_file
 
 # (flag declarations, spec field); each flag's help comes from the field (field_help).
@@ -159,9 +160,16 @@ def spec_options(fn: Callable[..., Any] | None = None, *, lists: bool = False) -
 
 
 def to_spec(values: dict[str, Any]) -> JobSpec:
-    """Validate, turning a :class:`SpecError` into exit code 2 with one line."""
+    """Validate, with the recipe of its (model, dataset) for the fields left unset
+    (``shared/recipes.py``), turning a :class:`SpecError` into exit code 2 with one line."""
+    return to_spec_and_recipe(values)[0]
+
+
+def to_spec_and_recipe(values: dict[str, Any]) -> tuple[JobSpec, dict[str, Any]]:
+    """:func:`to_spec`, and the values its recipe decided."""
+    resolved, from_recipe = with_recipe(values)
     try:
-        return build_spec(values)
+        return build_spec(resolved), from_recipe
     except SpecError as exc:
         raise BadSpec(str(exc)) from None
 

@@ -137,7 +137,13 @@ class JobSpec(BaseModel):
     # Resolved values: the spec keeps ``None`` so a stored spec says what the user asked for.
     @property
     def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+        """The rate given, else its recipe's for this optimizer, else Kingma & Ba's."""
+        if self.lr is not None:
+            return self.lr
+        from labctl.shared.recipes import recipe_lr
+
+        return (recipe_lr(self.model, self.dataset, self.optimizer)
+                or DEFAULT_LR[self.optimizer])
 
     @property
     def effective_image_size(self) -> int:

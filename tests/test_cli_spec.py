@@ -64,7 +64,7 @@ def test_flags_override_the_file(tmp_path):
                               "--opt", "adamax").stdout)
     assert shown["epochs"] == 7 and shown["optimizer"] == "adamax"
     assert shown["model"] == "numpy-cnn"
-    assert shown["lr"] == 2e-3  # the resolved AdaMax default
+    assert shown["lr"] == 5e-3  # the numpy-cnn/digits recipe's AdaMax rate, resolved
 
 
 def test_missing_dataset_files_exit_2_before_training(tmp_path):

@@ -18,6 +18,7 @@ from labctl.cli.analysis.speed import run_speed_rows
 from labctl.cli.analysis.stats import ALPHA, WILCOXON_MIN_PAIRS, describe_test
 from labctl.cli.analysis.tables import comparison_rows, format_seeds, render_markdown
 from labctl.shared.artifacts import atomic_path, utc_now
+from labctl.shared.recipes import recipe_lr
 from labctl.shared.spec import DEFAULT_LR, NATIVE_IMAGE_SIZE
 
 CARS_COMMANDS = """\
@@ -114,7 +115,9 @@ def _setup(blocks: list[Block]) -> str:
 
 
 def _lr(spec: dict[str, Any]) -> str:
-    lr = spec.get("lr") or DEFAULT_LR.get(spec.get("optimizer"), None)
+    lr = (spec.get("lr")
+          or recipe_lr(spec.get("model"), spec.get("dataset"), spec.get("optimizer"))
+          or DEFAULT_LR.get(spec.get("optimizer"), None))
     return f"{lr:g}" if lr else "?"
 
 
