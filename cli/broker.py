@@ -15,7 +15,7 @@ import redis
 from labctl.cli.errors import EXIT_USAGE, BadSpec, BrokerUnavailable, LabctlError, NotFound
 from labctl.shared.artifacts import ArtifactStore, InvalidJobId, JobFolder, validate_job_id
 from labctl.shared.records import JobRecords, connect
-from labctl.shared.redis_tls import tls_failure
+from labctl.shared.redis_tls import tls_failure, tls_mismatch_hint
 from labctl.shared.settings import get_settings, redact_url, url_host
 
 #: Seconds the CLI waits for Redis before saying it is unreachable.
@@ -48,6 +48,9 @@ def unavailable(exc: BaseException) -> BrokerUnavailable:
     if isinstance(exc, redis.AuthenticationError) or "auth" in reason.lower():
         return BrokerRefused(f"Redis at {url_host(url)} refused the credentials in "
                              "LABCTL_REDIS_URL")
+    hint = tls_mismatch_hint(exc, url)
+    if hint is not None:
+        return BrokerUnavailable(f"Redis at {url_host(url)} {hint}")
     detail = f" ({reason})" if reason and url_host(url) not in reason else ""
     return BrokerUnavailable(f"Redis at {url_host(url)} is unreachable{detail}; is "
                              "redis-server running and LABCTL_REDIS_URL right?")

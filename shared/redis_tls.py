@@ -178,3 +178,19 @@ def tls_failure(exc: BaseException) -> str | None:
         return (f"sent a TLS certificate that was refused ({reason.strip().rstrip('.')}); "
                 "is LABCTL_REDIS_TLS_CA the CA that signed it?")
     return None
+
+
+def tls_mismatch_hint(exc: BaseException, url: str) -> str | None:
+    """When a failure looks like one side speaking TLS and the other not, say so (the rest
+    of "Redis at host:port ..."): a ``redis://`` URL to a TLS-only Redis is reset as soon
+    as it writes, a ``rediss://`` URL to a plain Redis waits for a handshake that never
+    comes. ``None`` otherwise; these stay "unreachable", so ``labctl worker`` waits."""
+    scheme = urlsplit(url).scheme
+    errors = list(_chain(exc))
+    if scheme == "redis" and any(isinstance(e, ConnectionResetError) for e in errors):
+        return ("closed the connection; if it speaks TLS only, LABCTL_REDIS_URL must "
+                "start with rediss://")
+    if scheme == "rediss" and any("handshake operation timed out" in str(e) for e in errors):
+        return ("did not answer the TLS handshake; does it speak TLS on this port, and is "
+                "it reachable?")
+    return None

@@ -171,3 +171,15 @@ def test_tls_failure_reads_a_reason_kombu_kept_only_as_text():
         "sent a TLS certificate that was refused (self-signed certificate in certificate "
         "chain); is LABCTL_REDIS_TLS_CA the CA that signed it?")
     assert tls_failure(redis.ConnectionError("Error 111 connecting to h:6380.")) is None
+
+
+def test_the_tls_settings_are_documented_where_settings_are():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme, env_example = (root / "README.md").read_text(), (root / ".env.example").read_text()
+    deploy = (root / "docs" / "deploy.md").read_text()
+    for field in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
+        assert field in Settings.model_fields
+        name = f"LABCTL_{field.upper()}"
+        assert f"`{name}`" in readme and name in env_example and f"`{name}`" in deploy

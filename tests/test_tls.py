@@ -171,12 +171,20 @@ def test_a_host_name_the_certificate_does_not_list_exits_69_with_one_line(stack)
                            "certificate that does not name this host (")
 
 
-def test_a_plain_url_to_the_tls_port_fails_in_one_line(stack):
+def test_a_plain_url_to_the_tls_port_says_to_use_rediss(stack):
     done = stack.labctl("list", LABCTL_REDIS_URL=stack.server.bare_url.replace("rediss:",
                                                                               "redis:"),
                         LABCTL_REDIS_TLS_CA="")
-    assert done.returncode == 69 and done.stderr.count("\n") == 1, done.stderr
-    assert "Traceback" not in done.stderr and PASSWORD not in done.stderr
+    one_line_refusal(done, f"labctl: Redis at 127.0.0.1:{stack.server.port} closed the "
+                           "connection; if it speaks TLS only, LABCTL_REDIS_URL must start "
+                           "with rediss://")
+
+
+def test_a_tls_url_to_a_plain_redis_says_it_did_not_answer_the_handshake(stack):
+    with RedisServer(stack.tmp / "plain", password=PASSWORD, appendonly=False) as plain:
+        done = stack.labctl("list", LABCTL_REDIS_URL=plain.url.replace("redis:", "rediss:"))
+    one_line_refusal(done, f"labctl: Redis at 127.0.0.1:{plain.port} did not answer the TLS "
+                           "handshake")
 
 
 def test_a_worker_whose_certificate_check_fails_exits_69_with_one_line(stack):
@@ -274,3 +282,4 @@ def test_the_password_appears_in_no_output(stack):
               "\n".join(stack.records.read_log(job_id))]
     for text in places:
         assert PASSWORD not in text
+
