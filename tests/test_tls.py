@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -283,3 +284,42 @@ def test_the_password_appears_in_no_output(stack):
     for text in places:
         assert PASSWORD not in text
 
+
+# --- the recipe in docs/deploy.md --------------------------------------------------------
+
+DEPLOY_MD = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
+
+
+def doc_shell_block(heading: str) -> str:
+    """The first ```sh block after ``heading`` in docs/deploy.md."""
+    text = DEPLOY_MD.read_text()
+    after = text[text.index(heading):]
+    return after.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_openssl_recipe_in_the_deploy_guide_makes_certificates_redis_and_labctl_take(
+        tmp_path):
+    needs_tls_tools()
+    tls_dir = tmp_path / "deploy" / "tls"  # the first block makes it and works in it
+    for heading, cwd in (("### Make a CA and the Redis certificate with openssl", tmp_path),
+                         ("### Mutual TLS (optional)", tls_dir)):  # where the CA is
+        done = subprocess.run(["sh", "-ec", doc_shell_block(heading)], cwd=cwd,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    tls = RedisTLS(tls_dir / "ca.crt", tls_dir / "redis.crt", tls_dir / "redis.key",
+                   auth_clients="yes", client_cert=tls_dir / "worker.crt",
+                   client_key=tls_dir / "worker.key")
+    with RedisServer(tmp_path / "redis", password=PASSWORD, tls=tls) as server:
+        outputs: list[str] = []
+        listed = run_labctl(["list"], {**server.tls_env(),
+                                       "LABCTL_ARTIFACTS_DIR": str(tmp_path / "art")},
+                            tmp_path, outputs)
+        assert listed.returncode == 0, listed.stderr
+        # The compose healthcheck: redis-cli presents the server's own certificate.
+        if shutil.which("redis-cli"):
+            ping = subprocess.run(
+                ["redis-cli", "--tls", "--cacert", str(tls.ca), "--cert", str(tls.cert),
+                 "--key", str(tls.key), "-p", str(server.port), "ping"],
+                env={**os.environ, "REDISCLI_AUTH": PASSWORD}, capture_output=True,
+                text=True, timeout=30)
+            assert ping.stdout.strip() == "PONG", ping.stdout + ping.stderr
