@@ -147,6 +147,12 @@ def test_the_ca_can_be_named_in_the_url_instead(stack):
     assert done.returncode == 0, done.stderr
 
 
+def no_folders(stack: TlsStack) -> dict[str, str]:
+    """An artefact root with no job folders: with some, ``list`` prints the same one line
+    and then shows them (exit 0) instead of exiting 69."""
+    return {"LABCTL_ARTIFACTS_DIR": str(stack.tmp / "no-folders")}
+
+
 def one_line_refusal(done: subprocess.CompletedProcess, start: str) -> None:
     assert done.returncode == 69, (done.returncode, done.stderr)
     assert done.stderr.startswith(start), done.stderr
@@ -159,15 +165,21 @@ def test_a_client_with_the_wrong_ca_exits_69_with_one_line(stack):
     host = f"127.0.0.1:{stack.server.port}"
     for args in (["list"], ["status", "20260101-000000-abcdef"], ["submit", *TINY_FLAGS],
                  ["cancel", "20260101-000000-abcdef"]):
-        done = stack.labctl(*args, LABCTL_REDIS_TLS_CA=str(other.cert))
+        done = stack.labctl(*args, LABCTL_REDIS_TLS_CA=str(other.cert), **no_folders(stack))
         one_line_refusal(done, f"labctl: Redis at {host} sent a TLS certificate that was "
                                "refused (")
         assert "LABCTL_REDIS_TLS_CA" in done.stderr
+    # With job folders on this host, list says the same line and shows the folders.
+    done = stack.labctl("list", LABCTL_REDIS_TLS_CA=str(other.cert))
+    assert done.returncode == 0 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"labctl: Redis at {host} sent a TLS certificate that was "
+                                  "refused (")
+    assert done.stderr.rstrip().endswith("showing the job folders only")
 
 
 def test_a_host_name_the_certificate_does_not_list_exits_69_with_one_line(stack):
     url = stack.server.bare_url.replace("127.0.0.1", "localhost")
-    done = stack.labctl("list", LABCTL_REDIS_URL=url)
+    done = stack.labctl("list", LABCTL_REDIS_URL=url, **no_folders(stack))
     one_line_refusal(done, f"labctl: Redis at localhost:{stack.server.port} sent a TLS "
                            "certificate that does not name this host (")
 
@@ -175,7 +187,7 @@ def test_a_host_name_the_certificate_does_not_list_exits_69_with_one_line(stack)
 def test_a_plain_url_to_the_tls_port_says_to_use_rediss(stack):
     done = stack.labctl("list", LABCTL_REDIS_URL=stack.server.bare_url.replace("rediss:",
                                                                               "redis:"),
-                        LABCTL_REDIS_TLS_CA="")
+                        LABCTL_REDIS_TLS_CA="", **no_folders(stack))
     one_line_refusal(done, f"labctl: Redis at 127.0.0.1:{stack.server.port} closed the "
                            "connection; if it speaks TLS only, LABCTL_REDIS_URL must start "
                            "with rediss://")
@@ -183,7 +195,8 @@ def test_a_plain_url_to_the_tls_port_says_to_use_rediss(stack):
 
 def test_a_tls_url_to_a_plain_redis_says_it_did_not_answer_the_handshake(stack):
     with RedisServer(stack.tmp / "plain", password=PASSWORD, appendonly=False) as plain:
-        done = stack.labctl("list", LABCTL_REDIS_URL=plain.url.replace("redis:", "rediss:"))
+        done = stack.labctl("list", LABCTL_REDIS_URL=plain.url.replace("redis:", "rediss:"),
+                            **no_folders(stack))
     one_line_refusal(done, f"labctl: Redis at 127.0.0.1:{plain.port} did not answer the TLS "
                            "handshake")
 
@@ -258,7 +271,8 @@ def test_mutual_tls_a_worker_and_the_cli_present_client_certificates(stack):
             # Without a client certificate Redis closes the connection: one line again.
             bare = {k: v for k, v in env.items() if k not in ("LABCTL_REDIS_TLS_CERT",
                                                                "LABCTL_REDIS_TLS_KEY")}
-            refused = run_labctl(["list"], bare, stack.tmp, stack.outputs)
+            refused = run_labctl(["list"], {**bare, **no_folders(stack)}, stack.tmp,
+                                 stack.outputs)
             one_line_refusal(refused, f"labctl: Redis at 127.0.0.1:{server.port} closed the "
                                       "TLS connection during the handshake")
             assert "LABCTL_REDIS_TLS_CERT" in refused.stderr
