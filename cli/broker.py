@@ -15,6 +15,7 @@ import redis
 from labctl.cli.errors import EXIT_USAGE, BadSpec, BrokerUnavailable, LabctlError, NotFound
 from labctl.shared.artifacts import ArtifactStore, InvalidJobId, JobFolder, validate_job_id
 from labctl.shared.records import JobRecords, connect
+from labctl.shared.redis_tls import tls_failure, tls_mismatch_hint
 from labctl.shared.settings import get_settings, redact_url, url_host
 
 #: Seconds the CLI waits for Redis before saying it is unreachable.
@@ -33,16 +34,26 @@ def checked_job_id(job_id: str) -> str:
         raise BadJobId(str(exc)) from None
 
 
+class BrokerRefused(BrokerUnavailable):
+    """Redis answered but will not take us: its TLS certificate or our credentials were
+    refused. Unlike an unreachable Redis, waiting does not help (``labctl worker`` exits)."""
+
+
 def unavailable(exc: BaseException) -> BrokerUnavailable:
     url = get_settings().redis_url
     reason = str(exc).replace(url, redact_url(url)).splitlines()[0] if str(exc) else ""
+    tls = tls_failure(exc)
+    if tls is not None:
+        return BrokerRefused(f"Redis at {url_host(url)} {tls}")
     if isinstance(exc, redis.AuthenticationError) or "auth" in reason.lower():
-        what = "refused the credentials in LABCTL_REDIS_URL"
-    else:
-        what = "is unreachable"
+        return BrokerRefused(f"Redis at {url_host(url)} refused the credentials in "
+                             "LABCTL_REDIS_URL")
+    hint = tls_mismatch_hint(exc, url)
+    if hint is not None:
+        return BrokerUnavailable(f"Redis at {url_host(url)} {hint}")
     detail = f" ({reason})" if reason and url_host(url) not in reason else ""
-    return BrokerUnavailable(f"Redis at {url_host(url)} {what}{detail}; is redis-server "
-                             "running and LABCTL_REDIS_URL right?")
+    return BrokerUnavailable(f"Redis at {url_host(url)} is unreachable{detail}; is "
+                             "redis-server running and LABCTL_REDIS_URL right?")
 
 
 @contextmanager

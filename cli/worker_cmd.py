@@ -19,7 +19,7 @@ import time
 
 import click
 
-from labctl.cli.errors import BadSpec
+from labctl.cli.errors import BadSpec, BrokerUnavailable
 from labctl.shared.settings import get_settings
 
 QUEUE_NAMES = ("cpu", "gpu")
@@ -61,6 +61,7 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
     if metrics_port:  # 0 picks free ports; None serves none
         for port in range(metrics_port, metrics_port + concurrency):
             check_port_free(port)
+    check_broker()
     if concurrency == 1:
         run_solo_worker(queues, metrics_port, loglevel, hostname)
     else:
@@ -76,6 +77,22 @@ def check_port_free(port: int) -> None:
             probe.bind(("0.0.0.0", port))
         except OSError as exc:
             raise BadSpec(f"--metrics-port {port}: {exc.strerror or exc}") from None
+
+
+def check_broker() -> None:
+    """Exit 69 with one line when Redis answers but refuses this worker: its TLS certificate
+    (wrong CA, a host name it does not list) or our credentials. Celery would retry those
+    forever, one error every few seconds, and they never fix themselves. An unreachable or
+    still-loading Redis is left to Celery, which waits for it (Redis may start later)."""
+    from labctl.cli.broker import BrokerRefused, open_records
+
+    try:
+        records = open_records()
+    except BrokerRefused:
+        raise
+    except BrokerUnavailable:
+        return
+    records.client.close()
 
 
 def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,

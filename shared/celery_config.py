@@ -13,6 +13,8 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from labctl.shared.redis_tls import RedisTarget, redis_target
+
 TASK_NAME = "labctl.run_job"
 #: The Celery queues a job can be routed to (kombu keeps each in a Redis list of that name).
 QUEUES = ("cpu", "gpu")
@@ -90,8 +92,17 @@ def celery_settings() -> dict[str, Any]:
     )
 
 
+def tls_settings(target: RedisTarget) -> dict[str, Any]:
+    """The broker's and the result backend's TLS options: the ones every other client of
+    ``target`` uses (``shared/redis_tls.py``); none for a plain ``redis://`` URL."""
+    if target.tls is None:
+        return {}
+    return dict(broker_use_ssl=dict(target.tls), redis_backend_use_ssl=dict(target.tls))
+
+
 def sender_app(redis_url: str) -> Celery:
     """An app that sends labctl tasks to ``redis_url`` (it runs none)."""
-    app = Celery("labctl", broker=redis_url, backend=redis_url)
-    app.conf.update(celery_settings())
+    target = redis_target(redis_url)
+    app = Celery("labctl", broker=target.url, backend=target.url)
+    app.conf.update(celery_settings(), **tls_settings(target))
     return app

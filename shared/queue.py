@@ -51,18 +51,20 @@ def submit_job(spec: JobSpec, *, records: JobRecords | None = None, app: Any = N
     return job_id
 
 
-_apps: dict[str, Any] = {}
+_apps: dict[tuple[str | None, ...], Any] = {}
 
 
 def celery_app() -> Any:
-    """An app that sends to the current ``LABCTL_REDIS_URL``, one per URL (tests, or a
-    program talking to several stacks, change it)."""
+    """An app that sends to the current ``LABCTL_REDIS_URL``, one per URL and TLS settings
+    (tests, or a program talking to several stacks, change them)."""
     from labctl.shared.celery_config import sender_app
 
-    url = get_settings().redis_url
-    if url not in _apps:
-        _apps[url] = sender_app(url)
-    return _apps[url]
+    settings = get_settings()
+    key = (settings.redis_url, settings.redis_tls_ca, settings.redis_tls_cert,
+           settings.redis_tls_key)
+    if key not in _apps:
+        _apps[key] = sender_app(settings.redis_url)
+    return _apps[key]
 
 
 def enqueue(job_id: str, spec: dict[str, Any], *, attempt: int, queue: str,

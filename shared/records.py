@@ -36,6 +36,7 @@ from redis.retry import Retry
 
 from labctl.shared.artifacts import utc_now, validate_job_id
 from labctl.shared.jobstate import TERMINAL_STATES, JobRecord
+from labctl.shared.redis_tls import redis_target
 from labctl.shared.spec import JobSpec
 
 #: A job whose worker died this many times is failed instead of requeued again: a job that
@@ -79,12 +80,14 @@ def connect(url: str, *, timeout: float = 5.0, retries: int = 3) -> redis.Redis:
     """A client whose calls fail within about ``timeout`` seconds per try.
 
     The worker keeps the default retries, which ride over a Redis restart; the CLI passes
-    ``retries=0`` and a short timeout so an unreachable broker is reported at once.
+    ``retries=0`` and a short timeout so an unreachable broker is reported at once. A
+    ``rediss://`` URL gets the TLS options the broker uses (``shared/redis_tls.py``).
     """
+    target = redis_target(url)
     return redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout,
+        target.url, socket_timeout=timeout, socket_connect_timeout=timeout,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries),
-        health_check_interval=30, decode_responses=True,
+        health_check_interval=30, decode_responses=True, **target.client_options(),
     )
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,6 +19,16 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often a running job says alive.")
     heartbeat_timeout_seconds: float = Field(30.0, gt=0, description="Silence before requeue.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker /metrics port.")
+    # TLS, for rediss:// URLs only (shared/redis_tls.py). The URL's ssl_* parameters win.
+    redis_tls_ca: str | None = Field(None, description="CA file that signed Redis' certificate.")
+    redis_tls_cert: str | None = Field(None, description="Client certificate (mutual TLS).")
+    redis_tls_key: str | None = Field(None, description="The client certificate's key.")
+
+    @field_validator("redis_tls_ca", "redis_tls_cert", "redis_tls_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes `VAR: ${X:-}` as an empty string when X is not set.
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 class SettingsError(Exception):
@@ -38,19 +48,43 @@ def get_settings() -> Settings:
         raise SettingsError(f"cannot read the settings file .env: {exc}") from None
 
 
+#: Query parameters whose value is a secret (``?password=`` works in redis-py URLs); paths
+#: such as ``ssl_keyfile`` are not secrets and stay readable.
+_SECRET_PARAMS = ("pass", "pwd", "secret", "token", "credential", "auth")
+
+
 def redact_url(url: str) -> str:
-    """``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``; safe to print and log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``rediss://:secret@host:6379/0`` -> ``rediss://:***@host:6379/0``; safe to print and
+    log. Any scheme; secret query parameters (``password=``, ``ssl_password=``) are masked
+    too. Never raises, even on a URL nothing can parse (its port, say)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[" in the host: show nothing of it
+        return "<unparsable URL>"
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{hostport}" if colon else netloc
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_is_secret(key) for key, _ in pairs):
+            query = urlencode([(key, "***" if _is_secret(key) else value)
+                               for key, value in pairs], safe="*/")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _is_secret(key: str) -> bool:
+    return any(word in key.lower() for word in _SECRET_PARAMS)
 
 
 def url_host(url: str) -> str:
     """``host:port`` of a URL, for error messages."""
     parts = urlsplit(url)
-    return f"{parts.hostname or '?'}:{parts.port or 6379}"
+    host = parts.hostname or "?"
+    try:
+        port = parts.port or 6379
+    except ValueError:  # not a number: say so rather than fail while reporting a failure
+        port = "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -11,6 +11,15 @@ metrics and Prometheus tests::
     with RedisServer(tmp_path / "redis") as server:
         worker = WorkerProcess(server.url, tmp_path / "w1.log", env=job_env).start()
         worker.wait_ready()
+
+A TLS-only server (no plain port) takes certificates from a throwaway CA made with the
+``openssl`` command::
+
+    ca = CertificateAuthority(tmp_path / "ca")
+    tls = RedisTLS.issued_by(ca)
+    with RedisServer(tmp_path / "redis", tls=tls, password="pw") as server:
+        server.url        # rediss://:pw@127.0.0.1:PORT/0?ssl_ca_certs=...: works anywhere
+        server.tls_env()  # LABCTL_REDIS_URL without the parameters, LABCTL_REDIS_TLS_*
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import redis
 
@@ -53,6 +64,94 @@ def redis_server_available() -> bool:
     return shutil.which("redis-server") is not None
 
 
+def openssl_available() -> bool:
+    return shutil.which("openssl") is not None
+
+
+class CertificateAuthority:
+    """A CA for tests, made with the ``openssl`` command in ``directory`` (EC keys, valid two
+    days): ``issue()`` signs server and client certificates with it."""
+
+    def __init__(self, directory: Path, name: str = "labctl test CA"):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.cert, self.key = self.directory / "ca.crt", self.directory / "ca.key"
+        self._openssl("req", "-x509", "-new", *self._ec_key(self.key), "-days", "2",
+                      "-subj", f"/CN={name}", "-out", str(self.cert),
+                      "-addext", "basicConstraints=critical,CA:TRUE",
+                      "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+    def issue(self, name: str, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
+              client: bool = False) -> tuple[Path, Path]:
+        """``(certificate, key)`` for ``name``: a server certificate naming ``hosts`` (IP
+        addresses and DNS names), or with ``client`` a client certificate."""
+        cert, key = self.directory / f"{name}.crt", self.directory / f"{name}.key"
+        csr, ext = self.directory / f"{name}.csr", self.directory / f"{name}.ext"
+        self._openssl("req", "-new", *self._ec_key(key), "-subj", f"/CN={name}",
+                      "-out", str(csr))
+        lines = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature",
+                 "subjectKeyIdentifier=hash", "authorityKeyIdentifier=keyid,issuer"]
+        if client:
+            lines.append("extendedKeyUsage=clientAuth")
+        else:
+            names = [f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}"
+                     for h in hosts]
+            lines += ["extendedKeyUsage=serverAuth", f"subjectAltName={','.join(names)}"]
+        ext.write_text("\n".join(lines) + "\n")
+        self._openssl("x509", "-req", "-in", str(csr), "-CA", str(self.cert),
+                      "-CAkey", str(self.key), "-CAcreateserial", "-days", "2",
+                      "-extfile", str(ext), "-out", str(cert))
+        return cert, key
+
+    @staticmethod
+    def _ec_key(path: Path) -> list[str]:
+        return ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                "-keyout", str(path)]
+
+    def _openssl(self, *args: str) -> None:
+        done = subprocess.run(["openssl", *args], cwd=self.directory, capture_output=True,
+                              text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"openssl {args[0]} failed: {done.stderr.strip()}")
+
+
+@dataclass(frozen=True)
+class RedisTLS:
+    """How a :class:`RedisServer` serves TLS: its certificate and key, the CA its clients
+    verify it with (and it verifies client certificates with), whether clients must present
+    one (``auth_clients``: ``no``, ``optional``, ``yes``), and the client certificate this
+    helper's own clients present."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    auth_clients: str = "no"
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    @classmethod
+    def issued_by(cls, ca: CertificateAuthority, *, auth_clients: str = "no",
+                  hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> RedisTLS:
+        cert, key = ca.issue("redis-server", hosts=hosts)
+        client_cert = client_key = None
+        if auth_clients != "no":
+            client_cert, client_key = ca.issue("labctl-client", client=True)
+        return cls(ca.cert, cert, key, auth_clients, client_cert, client_key)
+
+    def url_params(self) -> dict[str, str]:
+        params = {"ssl_ca_certs": str(self.ca)}
+        if self.client_cert:
+            params.update(ssl_certfile=str(self.client_cert), ssl_keyfile=str(self.client_key))
+        return params
+
+    def env(self) -> dict[str, str]:
+        env = {"LABCTL_REDIS_TLS_CA": str(self.ca)}
+        if self.client_cert:
+            env.update(LABCTL_REDIS_TLS_CERT=str(self.client_cert),
+                       LABCTL_REDIS_TLS_KEY=str(self.client_key))
+        return env
+
+
 def stop_all(workers: list[WorkerProcess]) -> None:
     """Stop several workers at once: their warm shutdowns overlap instead of adding up."""
     for worker in workers:
@@ -63,20 +162,37 @@ def stop_all(workers: list[WorkerProcess]) -> None:
 
 class RedisServer:
     """A ``redis-server`` on a free port, data in ``directory``; ``restart()`` keeps the port
-    and (with ``appendonly``) the data, like a crashed or redeployed Redis."""
+    and (with ``appendonly``) the data, like a crashed or redeployed Redis.
+
+    With ``tls`` it speaks TLS only, on ``port`` (no plain port at all)."""
 
     def __init__(self, directory: Path, *, port: int | None = None, appendonly: bool = True,
-                 password: str | None = None):
+                 password: str | None = None, tls: RedisTLS | None = None):
         self.directory = Path(directory)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
+        self.tls = tls
         self.process: subprocess.Popen | None = None
 
     @property
-    def url(self) -> str:
+    def bare_url(self) -> str:
+        """The URL without TLS parameters (a TLS client then needs ``LABCTL_REDIS_TLS_*``)."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def url(self) -> str:
+        """A URL any client can use as it is: over TLS, it names the CA (and client
+        certificate) in its ``ssl_*`` parameters."""
+        if self.tls is None:
+            return self.bare_url
+        return f"{self.bare_url}?{urlencode(self.tls.url_params(), safe='/')}"
+
+    def tls_env(self) -> dict[str, str]:
+        """``LABCTL_REDIS_URL`` and the ``LABCTL_REDIS_TLS_*`` settings, as a deployment sets
+        them (for a plain server: the URL alone)."""
+        return {"LABCTL_REDIS_URL": self.bare_url, **(self.tls.env() if self.tls else {})}
 
     def client(self, **options: Any) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True, **options)
@@ -91,6 +207,12 @@ class RedisServer:
                 "--logfile", str(self.directory / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            # TLS only: --port 0 closes the plain port, the TLS one takes its number.
+            args[args.index("--port") + 1] = "0"
+            args += ["--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
+                     "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+                     "--tls-auth-clients", self.tls.auth_clients]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for(self._pings, timeout, what=f"redis-server on port {self.port}")

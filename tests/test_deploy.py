@@ -176,13 +176,106 @@ def test_redis_persists_requires_a_password_and_is_health_checked(compose):
         redis["command"])
     assert "--appendonly yes" in command
     assert "--requirepass" in command and env_example()["REDIS_PASSWORD"] not in command
-    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    assert re.search(r"redis-cli\b[^|]*\bping\b", " ".join(redis["healthcheck"]["test"]))
     assert mounts(redis)["/data"].startswith("redis-data:")
     assert all(str(p.get("host_ip", p) if isinstance(p, dict) else p).startswith("127.0.0.1")
                for p in redis["ports"])
     for name in (*WORKERS, "cli", "flower"):
         assert compose["services"][name]["depends_on"]["redis"]["condition"] == \
             "service_healthy", name
+
+
+LABCTL_SERVICES = (*WORKERS, "cli")
+TLS_ENV = {"REDIS_SCHEME": "rediss", "REDIS_TLS_DIR": "/srv/labctl-tls",
+           "REDIS_TLS_CA": "/tls/ca.crt", "REDIS_TLS_CERT": "/tls/worker.crt",
+           "REDIS_TLS_KEY": "/tls/worker.key", "REDIS_TLS_AUTH_CLIENTS": "yes",
+           "REDIS_BIND": "0.0.0.0"}
+
+
+def run_in_container(command: str | list[str], tmp_path: Path, env: dict[str, str],
+                     fake: str) -> list[str]:
+    """Run a service's resolved command (a shell line, or an argv list) with a stand-in for
+    the ``fake`` program that records its arguments, and return them. Compose writes a
+    literal ``$`` as ``$$``."""
+    argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
+    bin_dir = tmp_path / f"bin-{fake}"
+    bin_dir.mkdir()
+    record = tmp_path / f"{fake}.args"
+    stand_in = bin_dir / fake
+    stand_in.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\necho PONG\n')
+    stand_in.chmod(0o755)
+    done = subprocess.run([arg.replace("$$", "$") for arg in argv], capture_output=True,
+                          text=True, timeout=30,
+                          env={"PATH": f"{bin_dir}:{os.environ['PATH']}", **env})
+    assert done.returncode == 0, done.stderr
+    return record.read_text().splitlines()
+
+
+def redis_server_args(redis: dict, tmp_path: Path) -> list[str]:
+    return run_in_container(redis["command"], tmp_path, service_env(redis), "redis-server")
+
+
+def healthcheck_args(redis: dict, tmp_path: Path) -> list[str]:
+    kind, line = redis["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    return run_in_container(line, tmp_path, service_env(redis), "redis-cli")
+
+
+@needs_compose
+def test_plain_loopback_redis_stays_the_default(compose, tmp_path):
+    redis = compose["services"]["redis"]
+    args = redis_server_args(redis, tmp_path)
+    assert "--tls-port" not in args and "--port" not in args  # the plain port, 6379
+    assert args[args.index("--requirepass") + 1] == env_example()["REDIS_PASSWORD"]
+    for name in LABCTL_SERVICES:
+        env = service_env(compose["services"][name])
+        assert env["LABCTL_REDIS_URL"].startswith("redis://"), name
+        assert not any(env[f"LABCTL_REDIS_TLS_{k}"] for k in ("CA", "CERT", "KEY")), name
+    assert healthcheck_args(redis, tmp_path) == ["ping"]
+
+
+@needs_compose
+def test_compose_runs_redis_over_tls_when_the_variables_say_so(tmp_path):
+    done = run_compose_config(tmp_path, {**env_example(), **TLS_ENV})
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    password = env_example()["REDIS_PASSWORD"]
+    redis = services["redis"]
+    args = redis_server_args(redis, tmp_path)
+    # TLS only: no plain port, the TLS one where the plain one was.
+    assert args[args.index("--port") + 1] == "0"
+    assert args[args.index("--tls-port") + 1] == "6379"
+    assert args[args.index("--tls-cert-file") + 1] == "/tls/redis.crt"
+    assert args[args.index("--tls-key-file") + 1] == "/tls/redis.key"
+    assert args[args.index("--tls-ca-cert-file") + 1] == "/tls/ca.crt"
+    assert args[args.index("--tls-auth-clients") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == password and "--appendonly" in args
+    assert mounts(redis)["/tls"] == "/srv/labctl-tls:ro"
+    assert any("0.0.0.0" in (str(p.get("host_ip")) if isinstance(p, dict) else p)
+               for p in redis["ports"])
+    # The healthcheck speaks TLS too, or Redis never becomes healthy and nothing starts.
+    health = healthcheck_args(redis, tmp_path)
+    assert health[:3] == ["--tls", "--cacert", "/tls/ca.crt"] and health[-1] == "ping"
+    for name in LABCTL_SERVICES:
+        service = services[name]
+        env = service_env(service)
+        assert env["LABCTL_REDIS_URL"] == f"rediss://:{password}@redis:6379/0", name
+        assert env["LABCTL_REDIS_TLS_CA"] == "/tls/ca.crt", name
+        assert env["LABCTL_REDIS_TLS_CERT"] == "/tls/worker.crt", name
+        assert env["LABCTL_REDIS_TLS_KEY"] == "/tls/worker.key", name
+        assert mounts(service)["/tls"] == "/srv/labctl-tls:ro", name
+    assert service_env(services["flower"])["CELERY_BROKER_URL"].startswith("rediss://")
+
+
+@needs_compose
+def test_workers_on_a_second_host_reach_the_first_hosts_redis(tmp_path):
+    env = {**env_example(), **TLS_ENV, "REDIS_ADDRESS": "redis.lab.example:6380"}
+    done = run_compose_config(tmp_path, env)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    for name in LABCTL_SERVICES:
+        url = service_env(services[name])["LABCTL_REDIS_URL"]
+        assert url.startswith("rediss://:") and url.endswith("@redis.lab.example:6380/0")
 
 
 @needs_compose

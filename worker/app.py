@@ -24,7 +24,14 @@ from celery import Celery, signals
 from celery.exceptions import CPendingDeprecationWarning
 from kombu.transport import redis as kombu_redis
 
-from labctl.shared.celery_config import QUEUES, SOCKET_TIMEOUT, TASK_NAME, celery_settings
+from labctl.shared.celery_config import (
+    QUEUES,
+    SOCKET_TIMEOUT,
+    TASK_NAME,
+    celery_settings,
+    tls_settings,
+)
+from labctl.shared.redis_tls import redis_target
 from labctl.shared.settings import get_settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -73,13 +80,19 @@ class GuardedRedisTransport(kombu_redis.Transport):
     Channel = GuardedRedisChannel
 
 
+#: URL schemes the guarded transport serves: plain Redis and Redis over TLS are one kombu
+#: transport (TLS is its ``broker_use_ssl``). Sentinel URLs keep kombu's own.
+GUARDED_SCHEMES = ("redis", "rediss")
+
+
 def make_app(redis_url: str | None = None) -> Celery:
     """The app for ``redis_url`` (default: ``LABCTL_REDIS_URL``)."""
-    redis_url = redis_url or get_settings().redis_url
-    app = Celery("labctl", broker=redis_url, backend=redis_url, include=["labctl.worker.tasks"])
-    if urlsplit(redis_url).scheme == "redis":
+    target = redis_target(redis_url or get_settings().redis_url)
+    app = Celery("labctl", broker=target.url, backend=target.url,
+                 include=["labctl.worker.tasks"])
+    if urlsplit(target.url).scheme in GUARDED_SCHEMES:
         app.conf.broker_transport = "labctl.worker.app:GuardedRedisTransport"
-    app.conf.update(celery_settings())
+    app.conf.update(celery_settings(), **tls_settings(target))
     return app
 
 

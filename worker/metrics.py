@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 
 from labctl.shared.celery_config import PRIORITY_SEP, PRIORITY_STEPS, QUEUES
 from labctl.shared.jobstate import STATES, TERMINAL_STATES
+from labctl.shared.redis_tls import redis_target
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,10 @@ class QueueDepthCollector(Collector):
         self.queues = tuple(queues)
         self.key_prefix = key_prefix  # kombu's global_keyprefix transport option, if set
         # Short timeouts: Prometheus would rather get a scrape without queue depth than none.
-        self.client = redis.Redis.from_url(redis_url, socket_timeout=timeout,
-                                           socket_connect_timeout=timeout)
+        target = redis_target(redis_url)  # TLS as the broker connection has it
+        self.client = redis.Redis.from_url(target.url, socket_timeout=timeout,
+                                           socket_connect_timeout=timeout,
+                                           **target.client_options())
 
     def keys(self, queue: str) -> list[str]:
         return [f"{self.key_prefix}{queue}{self.SEP + str(step) if step else ''}"
