@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from labctl.cli.main import cli
 from labctl.shared.artifacts import ArtifactStore, JobFolder, new_job_id, write_json
+from labctl.shared.celery_config import priority_list
 from labctl.shared.jobstate import TERMINAL_STATES
 from labctl.shared.queue import enqueue, submit_job
 from labctl.shared.records import JobRecords
@@ -222,7 +223,8 @@ def test_malformed_messages_are_rejected_and_the_worker_goes_on(stack):
              what="every bad message to be logged")
     # acks_late: the last job's record says "succeeded" a moment before its message is
     # acknowledged, so wait for the ack rather than race it.
-    wait_for(lambda: client.llen("cpu") == 0 and client.hlen("unacked") == 0, 30,
+    wait_for(lambda: client.llen("cpu") == client.llen(priority_list("cpu")) == 0
+             and client.hlen("unacked") == 0, 30,
              what="every message to be acknowledged or rejected")
 
 
@@ -262,7 +264,7 @@ def _message_of(stack: Stack) -> str:
     stack.records.request_cancel(job_id)  # the worker drops it if it ever gets it
     # Sent to the gpu queue, which no worker here reads, and taken back off it.
     enqueue(job_id, TINY, attempt=1, queue="gpu", app=stack.app)
-    return stack.redis.client().rpop("gpu")
+    return stack.redis.client().rpop(priority_list("gpu"))
 
 
 def _b64(obj: Any) -> str:
