@@ -89,7 +89,10 @@ def open_image(path: str, mode: str, box: np.ndarray | None = None,
             img = img.convert(mode)
     except (OSError, UnidentifiedImageError) as exc:
         p = Path(path)
-        raise DataError(f"cannot decode image {p.name} at {p.parent}: {exc}") from None
+        # Pillow's own words repeat the whole path: "cannot identify image file '/a/b.jpg'".
+        why = ("not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError)
+               else exc)
+        raise DataError(f"cannot decode image {p.name} at {p.parent}: {why}") from None
     if box is not None:
         img = img.crop(crop_box(img.size, box))
     return img
