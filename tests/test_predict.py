@@ -324,3 +324,84 @@ def test_a_synthetic_data_job_has_no_images_to_predict(numpy_job):
                                          "lr": 5e-3})
     assert_one_line(invoke(synthetic.name, paths[0], "--artifacts-dir", str(root)), 2,
                     "a synthetic-data job has no image form")
+
+
+# -- the file datasets and MNIST: the same files, so exactly the test split --------------
+
+def mnist_test_pngs(data_root: Path, folder: Path) -> list[str]:
+    from labctl.worker.data.mnist import read_mnist_split
+
+    images, _ = read_mnist_split(data_root, "test")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [str(folder / f"{i:03d}.png") for i in range(len(images))]
+    for image, path in zip(images, paths, strict=True):
+        Image.fromarray(image, "L").save(path)
+    return paths
+
+
+@pytest.mark.parametrize(("model", "dataset", "image_size"), [
+    ("numpy-cnn", "mnist", None), ("numpy-cnn", "mnist", 16), ("resnet50", "mnist", 32),
+    ("numpy-cnn", "stanford-cars", 16), ("resnet50", "imagefolder", 32)])
+def test_preprocessing_of_mnist_and_file_datasets_is_the_test_split_s(tmp_path, model, dataset,
+                                                                     image_size):
+    from datasets_factory import make_mini_imagefolder, make_mini_mnist, make_mini_stanford_cars
+
+    from labctl.worker.data.images import load_image_source
+
+    if dataset == "mnist":
+        root = make_mini_mnist(tmp_path / "mnist", n_train=20, n_test=10)
+    elif dataset == "stanford-cars":
+        root = make_mini_stanford_cars(tmp_path, n_classes=3, per_class=2, test_per_class=2)
+    else:
+        root = make_mini_imagefolder(tmp_path / "folders", size=(50, 31))
+    spec = build_spec({"model": model, "dataset": dataset, "data_root": str(root),
+                       "image_size": image_size, "num_workers": 0, "device": "cpu"})
+    paths = (mnist_test_pngs(root, tmp_path / "png") if dataset == "mnist"
+             else load_image_source(spec).test.paths)
+    if model == "numpy-cnn":
+        expected, ours = load_arrays(spec).test.x, numpy_inputs(spec, paths)
+    else:
+        import torch
+
+        test = build_torch_datasets(spec).test
+        expected = torch.stack([test[i][0] for i in range(len(test))]).numpy()
+        dataset_ = torch_inputs(spec, paths)
+        ours = torch.stack([dataset_[i][0] for i in range(len(dataset_))]).numpy()
+    assert ours.shape == expected.shape
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5)
+
+
+def test_a_stanford_cars_job_names_its_classes_in_the_devkit_s_order(tmp_path):
+    from datasets_factory import CAR_NAMES, make_mini_stanford_cars
+
+    from labctl.worker.data.images import load_image_source
+
+    # Six classes: the sixth, "Acura Integra Type R 2001", sorts before the second.
+    base = make_mini_stanford_cars(tmp_path / "data", n_classes=6, per_class=3,
+                                   test_per_class=2)
+    spec = build_spec({"model": "numpy-cnn", "dataset": "stanford-cars", "data_root": str(base),
+                       "image_size": 16, "epochs": 4, "batch_size": 6, "lr": 3e-3})
+    root = tmp_path / "artifacts"
+    outcome = run_job(spec, "20261201-000005-00000c", ArtifactStore(root))
+    assert outcome.state == "succeeded", outcome.error
+    test = load_image_source(spec).test
+    result = invoke(outcome.job_id, *test.paths, "--artifacts-dir", str(root), "--json")
+    predicted = predicted_labels(result)
+    # The very files the job tested on: its confusion matrix, image for image.
+    recorded = np.load(root / outcome.job_id / "confusion_matrix.npy")
+    assert (confusion_matrix(test.labels, predicted, 6) == recorded).all()
+    for prediction in json.loads(result.stdout)["predictions"]:
+        assert [s["class"] for s in prediction["top"]] == \
+            [CAR_NAMES[s["index"]] for s in prediction["top"]]
+
+
+def test_a_job_from_before_summaries_listed_class_names(numpy_job):
+    root, _, paths, _ = numpy_job
+    older = copy_job(root, NUMPY_ID, "20261201-000006-00000d")
+    summary = json.loads((older / "summary.json").read_text())
+    del summary["class_names"]
+    write_json(older / "summary.json", summary)
+    result = invoke(older.name, paths[0], "--artifacts-dir", str(root), "--json", "-k", "10")
+    assert result.exit_code == 0, result.output
+    (prediction,) = json.loads(result.stdout)["predictions"]
+    assert {s["class"] for s in prediction["top"]} == {str(d) for d in range(10)}
