@@ -203,6 +203,11 @@ def test_a_resnet50_job_predicts_its_own_test_accuracy(tmp_path):
                                   predicted_labels(result), moved=1)
     top = json.loads(result.stdout)["predictions"][0]["top"]
     assert len(top) == 5 and sum(s["probability"] for s in top) <= 1 + 1e-9
+    import torch
+
+    if not torch.cuda.is_available():  # a device that is not here is the user's to fix
+        assert_one_line(invoke(RESNET_ID, paths[0], "--artifacts-dir", str(root), "--device",
+                               "cuda"), 2, "device: cuda requested but no CUDA device")
 
 
 # -- bad input: one line on stderr, a documented code --------------------------------------

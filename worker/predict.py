@@ -19,7 +19,7 @@ from labctl.shared.spec import JobSpec, SpecError, check_device
 from labctl.worker.engine import DataError
 
 #: Images per forward pass; only memory depends on it, not the results.
-PREDICT_BATCH = 64
+PREDICT_BATCH = 32
 #: The final weights' file name per model (the engines' ``weights_name``).
 WEIGHTS_NAME = {"numpy-cnn": "model.npz", "resnet50": "model.pt"}
 
