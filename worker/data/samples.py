@@ -87,7 +87,7 @@ def open_image(path: str, mode: str, box: np.ndarray | None = None,
         img.load()  # decode now, inside the try, so a corrupt file is reported by name
         if img.mode != mode:  # convert() copies even images in that mode: skip it then
             img = img.convert(mode)
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         p = Path(path)
         # Pillow's own words repeat the whole path: "cannot identify image file '/a/b.jpg'".
         why = ("not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError)
