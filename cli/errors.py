@@ -9,8 +9,9 @@ from __future__ import annotations
 import click
 
 EXIT_OK = 0
-EXIT_JOB_FAILED = 1       # a job failed or was cancelled; nothing finished to compare
-EXIT_USAGE = 2            # bad spec, bad flag, bad file (Click's own usage code)
+EXIT_JOB_FAILED = 1       # a job failed or was cancelled; nothing finished to compare or
+                          # predict with (no final weights)
+EXIT_USAGE = 2            # bad spec, bad flag, bad file or image (Click's own usage code)
 EXIT_NOT_FOUND = 3        # no such job or sweep
 EXIT_BUSY = 4             # the job is held by a worker or another process
 EXIT_UNAVAILABLE = 69     # broker / Redis unreachable (sysexits EX_UNAVAILABLE)
@@ -18,10 +19,12 @@ EXIT_INTERRUPTED = 130    # Ctrl-C (or SIGTERM to `labctl run`)
 
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_JOB_FAILED: "the job failed or was cancelled (or no finished run to compare)",
-    EXIT_USAGE: "bad spec, option or file",
+    EXIT_JOB_FAILED: "the job failed or was cancelled (or no finished run to compare, no "
+                     "final weights to predict with)",
+    EXIT_USAGE: "bad spec, option or file (an image predict cannot read)",
     EXIT_NOT_FOUND: "no such job or sweep",
-    EXIT_BUSY: "the job is queued or running elsewhere (a worker, another local run)",
+    EXIT_BUSY: "the job is queued or running elsewhere (a worker, another local run), or "
+               "not finished yet for predict",
     EXIT_UNAVAILABLE: "Redis (the broker) is unreachable",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C, or SIGTERM to run)",
 }

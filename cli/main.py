@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "Compare finished runs: accuracy, F1, speed, and a paired significance test."),
     "report": ("labctl.cli.report", "report",
                "Write a Markdown report: curves, tables, conclusion, speed and set-up."),
+    "predict": ("labctl.cli.predict", "predict",
+                "Classify images with a finished job's final weights: top-k classes and "
+                "probabilities."),
     "bench": ("labctl.cli.bench_cmd", "bench",
               "Time the NumPy CNN against PyTorch, and our ResNet50 against torchvision's."),
     "submit": ("labctl.cli.submit", "submit",

@@ -76,6 +76,7 @@ class Summary(TypedDict, total=False):
     final: dict[str, float]  # the last epoch's test_* figures
     best: dict[str, Any]  # one epoch's numbers: epoch, test_accuracy, test_f1_macro
     per_class_accuracy: dict[str, float]
+    class_names: list[str]  # index = the model's output; absent before labctl predict
     mean_epoch_seconds: float | None
     mean_images_per_second: float | None
     total_seconds: float  # over every attempt

@@ -189,14 +189,19 @@ def check_runtime(spec: JobSpec, allowed_data_dir: str | None = None) -> None:
         if allowed not in weights.parents:
             raise SpecError("init_weights", f"{spec.init_weights} is outside the worker's data "
                             f"directory {allowed}")
-    if spec.device.startswith("cuda"):
+    check_device(spec.device)
+
+
+def check_device(device: str) -> None:
+    """A ``cuda`` / ``cuda:N`` device must be present on this host. Raises :class:`SpecError`."""
+    if device.startswith("cuda"):
         import torch  # deferred: importing torch costs a second and the CLI rarely needs it
 
         if not torch.cuda.is_available():
-            raise SpecError("device", f"{spec.device} requested but no CUDA device is present")
-        index = int(spec.device.split(":")[1]) if ":" in spec.device else 0
+            raise SpecError("device", f"{device} requested but no CUDA device is present")
+        index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
-            raise SpecError("device", f"{spec.device} requested but only "
+            raise SpecError("device", f"{device} requested but only "
                             f"{torch.cuda.device_count()} CUDA device(s) are present")
 
 

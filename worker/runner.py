@@ -344,6 +344,8 @@ def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
         "best": {"epoch": best.get("epoch"), "test_accuracy": best.get("test_accuracy"),
                  "test_f1_macro": best.get("test_f1_macro")},
         "per_class_accuracy": dict(zip(engine.class_names, per_class_accuracy(cm), strict=True)),
+        # In label order (summary.json sorts its keys): what `labctl predict` names outputs by.
+        "class_names": list(engine.class_names),
         "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in rows])) if rows else None,
         "mean_images_per_second": (float(np.mean([r["images_per_second"] for r in rows]))
                                    if rows else None),

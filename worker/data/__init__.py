@@ -22,7 +22,8 @@ on JPEG decoding.
 
 Modules: types (containers), subset (seeded limits), arrays (digits, synthetic, resize),
 mnist (IDX files), samples (file lists, opening images), stanford_cars, imagefolder,
-images (file datasets -> arrays), cache, transforms, torch_datasets.
+images (file datasets -> arrays), cache, transforms, torch_datasets, predict_inputs (a
+user's image files preprocessed as a job's test split, for ``labctl predict``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from labctl.worker.data.types import ArrayDataset, ArraySplit, TorchDatasets
 if TYPE_CHECKING:
     from labctl.shared.spec import JobSpec
 
-__all__ = ["ArrayDataset", "ArraySplit", "TorchDatasets", "load_arrays", "build_torch_datasets"]
+__all__ = ["ArrayDataset", "ArraySplit", "TorchDatasets", "build_torch_datasets",
+           "dataset_class_names", "load_arrays"]
 
 
 def load_arrays(spec: JobSpec) -> ArrayDataset:
@@ -66,6 +68,16 @@ def _load_arrays(spec: JobSpec, image_size: int | None) -> ArrayDataset:
     from labctl.worker.data.images import load_image_arrays
 
     return load_image_arrays(spec)
+
+
+def dataset_class_names(spec: JobSpec) -> list[str]:
+    """The class list of ``spec``'s dataset (index = label), reading no pixels of a file
+    dataset: its folder listing or devkit names the classes."""
+    if spec.dataset in ("stanford-cars", "imagefolder"):
+        from labctl.worker.data.images import load_image_source
+
+        return load_image_source(spec).class_names
+    return _load_arrays(spec, None).class_names
 
 
 def build_torch_datasets(spec: JobSpec) -> TorchDatasets:

@@ -65,14 +65,10 @@ def take(split: ArraySplit, limit: int | None, seed: int, stream: int) -> ArrayS
     return ArraySplit(split.x[idx], split.y[idx])
 
 
-def load_digits_arrays(image_size: int, limit_train: int | None = None,
-                       limit_test: int | None = None, seed: int = 0) -> ArrayDataset:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), no download needed.
-
-    Split 80/20, stratified, with a fixed random_state (1,437 train / 360 test). Pixels
-    (0..16) are scaled to [0, 1], resized to ``image_size`` and normalised with the train
-    split's mean and std. Returns x of shape (N, 1, image_size, image_size).
-    """
+def digits_native_split() -> tuple[ArraySplit, ArraySplit]:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) split 80/20, stratified,
+    with a fixed random_state (1,437 train / 360 test), pixels (0..16) scaled to [0, 1]:
+    x (N, 1, 8, 8) float32, not yet normalised."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -84,11 +80,30 @@ def load_digits_arrays(image_size: int, limit_train: int | None = None,
         random_state=DIGITS_SPLIT_STATE)
     # Keep index order so the split is also stable in its ordering.
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    x_train = resize_images(images[train_idx], image_size)
-    x_test = resize_images(images[test_idx], image_size)
-    mean, std = float(x_train.mean()), float(x_train.std())
-    train = ArraySplit(normalise(x_train, mean, std), labels[train_idx])
-    test = ArraySplit(normalise(x_test, mean, std), labels[test_idx])
+    return (ArraySplit(images[train_idx], labels[train_idx]),
+            ArraySplit(images[test_idx], labels[test_idx]))
+
+
+def digits_normalisation(image_size: int, train: ArraySplit | None = None
+                         ) -> tuple[float, float]:
+    """(mean, std) digits jobs normalise [0, 1] pixels with at ``image_size``: the full
+    train split's, after resizing (``limit_train`` subsets are taken after normalising, so
+    every job at one size shares them). ``train``: the native split, if already loaded."""
+    train = train if train is not None else digits_native_split()[0]
+    x_train = resize_images(train.x, image_size)
+    return float(x_train.mean()), float(x_train.std())
+
+
+def load_digits_arrays(image_size: int, limit_train: int | None = None,
+                       limit_test: int | None = None, seed: int = 0) -> ArrayDataset:
+    """The digits of :func:`digits_native_split`, resized to ``image_size`` and normalised
+    with :func:`digits_normalisation`. Returns x of shape (N, 1, image_size, image_size)."""
+    native_train, native_test = digits_native_split()
+    mean, std = digits_normalisation(image_size, native_train)
+    train = ArraySplit(normalise(resize_images(native_train.x, image_size), mean, std),
+                       native_train.y)
+    test = ArraySplit(normalise(resize_images(native_test.x, image_size), mean, std),
+                      native_test.y)
     return ArrayDataset(
         train=take(train, limit_train, seed, TRAIN_STREAM),
         test=take(test, limit_test, seed, TEST_STREAM),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,10 +41,10 @@ def load_image_source(spec: JobSpec) -> ImageSource:
                        source.class_names, source.root)
 
 
-def decode_split(samples: ImageSamples, size: int, source: ImageSource) -> ArraySplit:
+def decode_split(samples: ImageSamples, size: int, cache_dir: Path | None) -> ArraySplit:
     """Every image: shorter side resized to ``size``, centre-cropped to a square, ImageNet
-    normalised -> x (N, 3, size, size) float32."""
-    decoded = decode_images(samples, size, cache_dir_for(source.root))
+    normalised -> x (N, 3, size, size) float32. ``cache_dir``: see ``cache.decode_images``."""
+    decoded = decode_images(samples, size, cache_dir)
     x = np.empty((len(samples), 3, size, size), dtype=np.float32)
     for start in range(0, len(samples), CHUNK):
         stop = min(start + CHUNK, len(samples))
@@ -55,5 +56,6 @@ def decode_split(samples: ImageSamples, size: int, source: ImageSource) -> Array
 def load_image_arrays(spec: JobSpec) -> ArrayDataset:
     source = load_image_source(spec)
     size = spec.effective_image_size
-    return ArrayDataset(decode_split(source.train, size, source),
-                        decode_split(source.test, size, source), source.class_names)
+    cache_dir = cache_dir_for(source.root)
+    return ArrayDataset(decode_split(source.train, size, cache_dir),
+                        decode_split(source.test, size, cache_dir), source.class_names)

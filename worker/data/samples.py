@@ -66,6 +66,12 @@ def open_rgb(path: str, box: np.ndarray | None = None, min_side: int | None = No
     long; JPEGs are then decoded at a reduced DCT scale ("draft"), several times faster,
     never below that size.
     """
+    return open_image(path, "RGB", box, min_side)
+
+
+def open_image(path: str, mode: str, box: np.ndarray | None = None,
+               min_side: int | None = None) -> Image.Image:
+    """:func:`open_rgb` for any Pillow ``mode`` ("L" for the grey datasets)."""
     try:
         img = Image.open(path)
         if min_side and img.format == "JPEG":
@@ -73,17 +79,20 @@ def open_rgb(path: str, box: np.ndarray | None = None, min_side: int | None = No
             region = (box[2] - box[0] + 1, box[3] - box[1] + 1) if box is not None else (w, h)
             factor = min(region) / min_side
             if factor >= 2:
-                img.draft("RGB", (math.ceil(w / factor), math.ceil(h / factor)))
+                img.draft(mode, (math.ceil(w / factor), math.ceil(h / factor)))
                 if box is not None and img.size != (w, h):
                     sx, sy = img.size[0] / w, img.size[1] / h
                     box = np.array([(box[0] - 1) * sx + 1, (box[1] - 1) * sy + 1,
                                     box[2] * sx, box[3] * sy]).round()
         img.load()  # decode now, inside the try, so a corrupt file is reported by name
-        if img.mode != "RGB":  # convert() copies even RGB images: skip it when not needed
-            img = img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+        if img.mode != mode:  # convert() copies even images in that mode: skip it then
+            img = img.convert(mode)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         p = Path(path)
-        raise DataError(f"cannot decode image {p.name} at {p.parent}: {exc}") from None
+        # Pillow's own words repeat the whole path: "cannot identify image file '/a/b.jpg'".
+        why = ("not an image format Pillow reads" if isinstance(exc, UnidentifiedImageError)
+               else exc)
+        raise DataError(f"cannot decode image {p.name} at {p.parent}: {why}") from None
     if box is not None:
         img = img.crop(crop_box(img.size, box))
     return img
