@@ -19,7 +19,7 @@ EXIT_INTERRUPTED = 130    # Ctrl-C (or SIGTERM to `labctl run`)
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_JOB_FAILED: "the job failed or was cancelled (or no finished run to compare)",
-    EXIT_USAGE: "bad spec, option or file",
+    EXIT_USAGE: "bad spec, option or file (a damaged job file too)",
     EXIT_NOT_FOUND: "no such job or sweep",
     EXIT_BUSY: "the job is queued or running elsewhere (a worker, another local run)",
     EXIT_UNAVAILABLE: "Redis (the broker) is unreachable",
@@ -36,6 +36,11 @@ class LabctlError(click.ClickException):
 
 class BadSpec(LabctlError):
     exit_code = EXIT_USAGE
+
+
+class DamagedJobFile(BadSpec):
+    """A job's own file (status.json, its checkpoint) that cannot be read: exit 2, a bad
+    file, with the file named and what to do about it."""
 
 
 class NotFound(LabctlError):
