@@ -376,3 +376,28 @@ def test_labctl_keep_checkpoint_keeps_it_and_the_job_trains_further(tmp_path, se
     assert longer.exit_code == 0, longer.output
     assert [row["epoch"] for row in folder.read_metrics()] == [1, 2, 3]
     assert epoch_lines(folder) == [1, 2, 3]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("keep", [None, "1"])
+def test_a_worker_drops_a_succeeded_jobs_checkpoint_unless_told_to_keep_it(
+        redis_server, tmp_path, keep):
+    from labctl.shared.jobstate import TERMINAL_STATES
+    from labctl.shared.queue import submit_job
+    from labctl.shared.records import JobRecords
+    from labctl.shared.testing import WorkerProcess
+    from labctl.worker.app import make_app
+
+    env = {"LABCTL_ARTIFACTS_DIR": str(tmp_path / "artifacts")}
+    if keep:
+        env["LABCTL_KEEP_CHECKPOINT"] = keep
+    records = JobRecords.from_url(redis_server.url)
+    with WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env):
+        job_id = submit_job(build_spec({**TINY, "epochs": 2}), records=records,
+                            app=make_app(redis_server.url))
+        wait_for(lambda: records.state(job_id) in TERMINAL_STATES, 120, interval=0.1,
+                 what="the job to end")
+    assert records.get(job_id)["state"] == "succeeded", records.get(job_id)["error"]
+    folder = ArtifactStore(tmp_path / "artifacts").job(job_id)
+    assert (folder.path / "model.npz").exists()
+    assert (folder.path / "checkpoint.npz").exists() == bool(keep)
