@@ -235,9 +235,10 @@ def test_status_of_a_job_with_a_damaged_status_json_is_one_line(tmp_path, conten
 
     status = invoke("status", folder.job_id)
     as_json = invoke("status", folder.job_id, "--json")
+    cancel = invoke("cancel", folder.job_id)
     logs = invoke("logs", folder.job_id)
 
-    for result in (status, as_json):
+    for result in (status, as_json, cancel):
         assert result.exit_code == 2, result.output
         assert result.stdout == "" and result.stderr.count("\n") == 1
         assert result.stderr.startswith(f"labctl: job {folder.job_id}: status.json is damaged")

@@ -290,7 +290,8 @@ def _finish(folder: JobFolder, reporter: Reporter, state: JobState, error: str |
     try:
         lifecycle.run_ended(folder, state, error, run_seconds=clock.seconds())
         folder.log(outcome_line(state, error, summary))
-    except OSError as exc:  # e.g. a full disk: the reporter (the queue's record) still hears
+    except (OSError, ValueError) as exc:  # a full disk, a status.json damaged meanwhile:
+        # the reporter (the queue's record) still hears of the end.
         log.error("job %s ended %s but its folder could not record it: %s",
                   folder.job_id, state, exc)
     else:
