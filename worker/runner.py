@@ -1,9 +1,12 @@
 """The one way a job is executed: ``labctl run`` calls it in-process, the Celery task calls
 it in a worker. It owns the job folder: spec, status, metrics, checkpoints, plots, summary.
 
-    seed -> load data -> build engine -> resume? -> for each epoch:
-        train_one_epoch -> evaluate -> metrics.jsonl -> checkpoint (atomic) -> reporter
-    -> final weights, confusion matrix, plots, summary.json
+    seed -> load data -> build engine -> resume? (checkpoint checked, rows and log
+    lines past it dropped) -> for each epoch:
+        train_one_epoch -> evaluate -> metrics.jsonl -> checkpoint (atomic) -> log.txt
+        -> status.json -> reporter
+    -> final weights, confusion matrix, plots, summary.json -> status.json (the end)
+    -> the checkpoint deleted if it succeeded (unless LABCTL_KEEP_CHECKPOINT)
 """
 
 from __future__ import annotations
@@ -296,7 +299,11 @@ def _finish(folder: JobFolder, reporter: Reporter, state: JobState, error: str |
                   folder.job_id, state, exc)
     else:
         if state == JobState.SUCCEEDED and drop_on_success is not None:
-            drop_on_success.unlink(missing_ok=True)
+            try:
+                drop_on_success.unlink(missing_ok=True)
+            except OSError as exc:  # the job succeeded all the same; only disk is lost
+                log.warning("job %s: its checkpoint could not be deleted: %s",
+                            folder.job_id, exc)
     result = {"error": error, "summary": summary or {}}
     try:
         reporter.on_end(state, result)
