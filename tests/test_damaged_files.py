@@ -224,6 +224,23 @@ def test_a_torch_checkpoint_with_an_edited_epoch_is_refused(torch_checkpoint, tm
         checked_epoch(path, engine.load_checkpoint(path), 3)
 
 
+def test_labctl_run_resume_refuses_a_torn_torch_checkpoint_and_writes_nothing(
+        tmp_path, torch_one_thread):
+    spec = dict(model="resnet50", dataset="synthetic", image_size=32, limit_train=8,
+                limit_test=8, batch_size=8, epochs=3, num_workers=0, device="cpu")
+    folder = cancelled_job(tmp_path, after=1, **spec)
+    _truncate(folder.path / "checkpoint.pt")
+    before = snapshot(folder)
+
+    result = invoke("run", "--resume", folder.job_id, "--artifacts-dir", str(tmp_path))
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and DAMAGED in result.stderr
+    assert "not a readable PyTorch archive" in result.stderr
+    assert "weights_only" not in result.output and "Traceback" not in result.output
+    assert snapshot(folder) == before
+
+
 # --- status.json ------------------------------------------------------------------------
 
 
