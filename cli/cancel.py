@@ -6,7 +6,7 @@ import click
 
 from labctl.cli.broker import broker_errors, checked_job_id, open_records_unless_local
 from labctl.cli.errors import JobBusy, NotFound
-from labctl.cli.folder_view import ABANDONED, folder_record
+from labctl.cli.folder_view import ABANDONED, damaged_folder, folder_record
 from labctl.shared import folder_lock, lifecycle
 from labctl.shared.artifacts import ArtifactStore
 from labctl.shared.folder_lock import LOCAL_RUN
@@ -48,8 +48,8 @@ def explain_folder_job(job_id: str) -> None:
     folder = ArtifactStore(get_settings().artifacts_dir).job(job_id)
     try:
         record = folder_record(folder) if folder.exists() else None
-    except (ValueError, OSError):
-        record = None
+    except (ValueError, OSError) as exc:
+        raise damaged_folder(folder, exc) from None
     if record is None:
         raise NotFound(f"no job {job_id}")
     if (holder := folder_lock.holder(folder.path)) is not None:

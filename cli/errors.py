@@ -21,7 +21,7 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_JOB_FAILED: "the job failed or was cancelled (or no finished run to compare, no "
                      "final weights to predict with)",
-    EXIT_USAGE: "bad spec, option or file (an image predict cannot read)",
+    EXIT_USAGE: "bad spec, option or file (a damaged job file, an image predict cannot read)",
     EXIT_NOT_FOUND: "no such job or sweep",
     EXIT_BUSY: "the job is queued or running elsewhere (a worker, another local run), or "
                "not finished yet for predict",
@@ -39,6 +39,11 @@ class LabctlError(click.ClickException):
 
 class BadSpec(LabctlError):
     exit_code = EXIT_USAGE
+
+
+class DamagedJobFile(BadSpec):
+    """A job's own file (status.json, its checkpoint) that cannot be read: exit 2, a bad
+    file, with the file named and what to do about it."""
 
 
 class NotFound(LabctlError):

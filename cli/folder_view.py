@@ -10,8 +10,10 @@ holds it, and whose last holder was on this host, is *abandoned* (its run was ki
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
+from labctl.cli.errors import DamagedJobFile
 from labctl.shared import folder_lock
 from labctl.shared.artifacts import ArtifactStore, JobFolder
 from labctl.shared.jobstate import JobState
@@ -50,6 +52,16 @@ def folder_record(folder: JobFolder) -> dict[str, Any] | None:
         record["error"] = (f"its run stopped without ending; resume it with labctl run "
                            f"--resume {folder.job_id}")
     return record
+
+
+def damaged_folder(folder: JobFolder, exc: BaseException) -> DamagedJobFile:
+    """The one line for a job folder whose status.json or spec.json cannot be read."""
+    if isinstance(exc, OSError):
+        name = Path(exc.filename).name if exc.filename else "a file of its folder"
+        what = f"{name} cannot be read ({exc.strerror or exc})"
+    else:  # DamagedFile names the file
+        what = str(exc)
+    return DamagedJobFile(f"job {folder.job_id}: {what} in {folder.path}")
 
 
 def folder_records(store: ArtifactStore, skip: set[str] = frozenset(),

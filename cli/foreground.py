@@ -64,7 +64,11 @@ class TerminalReporter(Reporter):
         self._last_draw = 0.0
 
     def on_start(self, job_id, spec, info):
-        resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
+        resumed = ""
+        if info["start_epoch"]:
+            resumed = f", resuming after epoch {info['start_epoch']}"
+        elif info.get("resumed"):
+            resumed = ", no checkpoint to resume from: starting from epoch 1"
         click.echo(f"job {job_id}: {spec.model} / {spec.optimizer} on {spec.dataset} "
                    f"({info['train_size']} train, {info['test_size']} test, "
                    f"{info['num_classes']} classes){resumed}", err=True)
@@ -96,7 +100,8 @@ class TerminalReporter(Reporter):
 
 def quiet_crash_tracebacks() -> None:
     """A crashed job ends in one line on the terminal (the outcome); its traceback stays in
-    the job's log.txt. Workers keep logging tracebacks through Celery's handlers."""
+    the job folder's traceback.txt. Workers keep logging tracebacks through Celery's
+    handlers."""
     logging.getLogger("labctl.worker.runner").setLevel(logging.CRITICAL)
 
 

@@ -10,7 +10,7 @@ import click
 
 from labctl.cli.broker import broker_errors, checked_job_id, find_job
 from labctl.cli.errors import BrokerUnavailable, NotFound
-from labctl.cli.folder_view import run_state
+from labctl.cli.folder_view import damaged_folder, run_state
 from labctl.shared.jobstate import TERMINAL_STATES, JobState
 from labctl.shared.records import JobRecords
 
@@ -102,7 +102,12 @@ def logs(job_id: str, follow: bool, as_json: bool) -> None:
     emit = lines.append if as_json else click.echo
     if folder is not None:
         # A job run with `labctl run` has no record; its folder is read instead.
-        state = run_state(folder, folder.read_status().get("state"))
+        try:
+            state = run_state(folder, folder.read_status().get("state"))
+        except (ValueError, OSError) as exc:
+            # The log is still worth showing; the state is unknown, and said once.
+            state = None
+            click.echo(f"labctl: {damaged_folder(folder, exc).format_message()}", err=True)
         for line in folder.read_log():
             emit(line)
     else:

@@ -30,6 +30,13 @@ from labctl.shared.artifacts import (
 from labctl.shared.jobstate import JobState, is_terminal
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
+from labctl.worker.checkpoints import (
+    WEIGHTS_NAMES,
+    CheckpointDamaged,
+    checked_epoch,
+    checkpoint_path,
+    peek_epoch,
+)
 from labctl.worker.runner import KeyboardInterruptWithOutcome
 
 
@@ -76,6 +83,32 @@ def resumed_spec(folder: JobFolder, stored: JobSpec, overrides: dict) -> JobSpec
         raise BadSpec(f"epochs: job {folder.job_id} has already trained {done} epochs; "
                       f"resume with --epochs {done} or more")
     return spec
+
+
+def check_resume_point(folder: JobFolder, stored: JobSpec, spec: JobSpec) -> None:
+    """What the resume would start from, checked before anything is written: a damaged
+    checkpoint exits 2 with the line the run would fail with, and so does a succeeded job
+    whose checkpoint was dropped when it finished (it cannot train further)."""
+    path = checkpoint_path(folder.path, spec.model)
+    if not path.exists():
+        if folder.read_status().get("state") == JobState.SUCCEEDED:
+            weights = folder.path / WEIGHTS_NAMES[spec.model]
+            start_from = (f"; a new job can start from them with --init-weights {weights}"
+                          if spec.model == "resnet50" else "")
+            raise BadSpec(f"job {folder.job_id} succeeded and its checkpoint was removed "
+                          f"when it finished (LABCTL_KEEP_CHECKPOINT=1 keeps it), so it "
+                          f"cannot train further; its final weights are {weights}"
+                          f"{start_from}")
+        return  # the run says it starts from epoch 1
+    try:
+        # Against the stored spec's epochs: past them the file is damaged; past the
+        # requested ones only, the request is too short.
+        epoch = checked_epoch(path, peek_epoch(path, spec.model), stored.epochs)
+    except CheckpointDamaged as exc:
+        raise BadSpec(f"job {folder.job_id}: {exc}") from None
+    if spec.epochs < epoch:
+        raise BadSpec(f"epochs: job {folder.job_id} has already trained {epoch} epochs; "
+                      f"resume with --epochs {epoch} or more")
 
 
 def refuse_if_queue_holds(folder: JobFolder) -> None:
@@ -154,6 +187,7 @@ def run(spec_values: dict, artifacts_dir: str | None, resume_id: str | None,
             raise NotFound(f"no job {resume_id} under {store.root}")
         spec = resumed_spec(folder, to_spec(stored), spec_values)
         refuse_if_queue_holds(folder)
+        check_resume_point(folder, to_spec(stored), spec)
         job_id = resume_id
     else:
         spec = to_spec(spec_values)

@@ -9,7 +9,7 @@ import click
 
 from labctl.cli.broker import broker_errors, checked_job_id, find_job
 from labctl.cli.errors import NotFound
-from labctl.cli.folder_view import FROM_FOLDER, folder_record
+from labctl.cli.folder_view import FROM_FOLDER, damaged_folder, folder_record
 from labctl.cli.style import state_text
 from labctl.shared.jobstate import JobState
 
@@ -25,7 +25,10 @@ def load_status(job_id: str) -> dict[str, Any]:
         with broker_errors():
             record = records.get(job_id)
     else:
-        record = folder_record(folder)
+        try:
+            record = folder_record(folder)
+        except (ValueError, OSError) as exc:  # torn or edited by hand, as compare reports it
+            raise damaged_folder(folder, exc) from None
     if not record:
         raise NotFound(f"no job {job_id}")
     for key in REQUIRED_KEYS:

@@ -5,8 +5,11 @@ Layout of ``<root>/<job_id>/``::
     spec.json        the spec as submitted
     status.json      state, timestamps, epoch, error (mirrors the queue's job record)
     metrics.jsonl    one JSON object per finished epoch
-    log.txt          the human-readable epoch lines (what ``labctl logs`` shows)
-    checkpoint.*     the latest resumable state (.npz for numpy-cnn, .pt for resnet50)
+    log.txt          the human-readable lines: one per epoch, resume and outcome (what
+                     ``labctl logs`` shows)
+    traceback.txt    the last crash's traceback (log.txt has its one-line outcome)
+    checkpoint.*     the latest resumable state (.npz for numpy-cnn, .pt for resnet50);
+                     dropped when the job succeeds unless LABCTL_KEEP_CHECKPOINT is set
     model.*          final weights
     plots/*.png      loss, accuracy and F1 curves; confusion matrix
     summary.json     final and best metrics, sizes, total time
@@ -31,6 +34,14 @@ JOB_ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 
 class InvalidJobId(ValueError):
     pass
+
+
+class DamagedFile(ValueError):
+    """A job file that is there but cannot be read as what it should be (torn, edited)."""
+
+    def __init__(self, path: Path, why: str):
+        self.path, self.why = Path(path), why
+        super().__init__(f"{self.path.name} is damaged ({why})")
 
 
 def new_job_id(now: datetime | None = None) -> str:
@@ -102,6 +113,18 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+def read_json_object(path: Path, default: Any = None) -> Any:
+    """A JSON object file, ``default`` if there is none; :class:`DamagedFile` (a
+    ``ValueError``) for one that is not a JSON object (torn, or edited by hand)."""
+    try:
+        value = read_json(path, default)
+    except ValueError:  # bad JSON or bad UTF-8
+        raise DamagedFile(path, "not valid JSON") from None
+    if value is not default and not isinstance(value, dict):
+        raise DamagedFile(path, "not a JSON object")
+    return value
+
+
 def append_line(path: Path, line: str) -> None:
     """Append one line and flush it to disk: a crash loses at most the line being written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +161,7 @@ class JobFolder:
     status_path = property(lambda self: self.path / "status.json")
     metrics_path = property(lambda self: self.path / "metrics.jsonl")
     log_path = property(lambda self: self.path / "log.txt")
+    traceback_path = property(lambda self: self.path / "traceback.txt")
     summary_path = property(lambda self: self.path / "summary.json")
     plots_dir = property(lambda self: self.path / "plots")
 
@@ -149,10 +173,11 @@ class JobFolder:
         return self.path.is_dir()
 
     def read_spec(self) -> dict[str, Any] | None:
-        return read_json(self.spec_path)
+        return read_json_object(self.spec_path)
 
     def read_status(self) -> dict[str, Any]:
-        return read_json(self.status_path, default={})
+        """``{}`` before the job first ran."""
+        return read_json_object(self.status_path, default={})
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)
@@ -181,9 +206,15 @@ class JobFolder:
     def log(self, line: str) -> None:
         append_line(self.log_path, line)
 
+    def replace_log(self, lines: list[str]) -> None:
+        """Rewrite log.txt whole, atomically (a resume mending it)."""
+        with atomic_path(self.log_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in lines))
+
     def read_log(self) -> list[str]:
         try:
-            return self.log_path.read_text().splitlines()
+            # errors="replace": a torn or overwritten log still shows what it can.
+            return self.log_path.read_text(errors="replace").splitlines()
         except FileNotFoundError:
             return []
 

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     data_dir: str | None = Field(None, description="Default data_root; the worker's data jail.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often a running job says alive.")
     heartbeat_timeout_seconds: float = Field(30.0, gt=0, description="Silence before requeue.")
+    keep_checkpoint: bool = Field(
+        False, description="Keep a succeeded job's resumable checkpoint (to train it further "
+                           "with run --resume --epochs N); by default only model.* stays.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker /metrics port.")
     # TLS, for rediss:// URLs only (shared/redis_tls.py). The URL's ssl_* parameters win.
     redis_tls_ca: str | None = Field(None, description="CA file that signed Redis' certificate.")

@@ -131,7 +131,8 @@ def _finished_job(tmp_path) -> tuple[str, object]:
     return job_id, ArtifactStore(tmp_path).job(job_id)
 
 
-def test_resume_refuses_what_would_not_fit_and_writes_nothing(tmp_path):
+def test_resume_refuses_what_would_not_fit_and_writes_nothing(tmp_path, labctl_env):
+    labctl_env(keep_checkpoint=1)  # a succeeded job trains further from a kept checkpoint
     job_id, folder = _finished_job(tmp_path)
     spec_before, status_before = folder.spec_path.read_text(), folder.read_status()
     for flags, message in [(["--dataset", "synthetic"], "dataset: cannot be changed"),

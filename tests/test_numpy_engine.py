@@ -129,7 +129,7 @@ def test_foreign_or_mismatched_checkpoints_are_data_errors(tmp_path):
     engine = NumpyEngine(spec, dataset=toy_dataset())
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="cannot read checkpoint"):
+    with pytest.raises(DataError, match="checkpoint damaged; delete it to start over"):
         engine.load_checkpoint(junk)
     other = NumpyEngine(spec, dataset=toy_dataset(classes=4))
     path = tmp_path / "checkpoint.npz"

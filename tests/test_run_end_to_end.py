@@ -59,7 +59,7 @@ def test_demo_reaches_97_percent_and_leaves_every_artefact(tmp_path):
 
     weights = np.load(folder / "model.npz")
     assert all(weights[k].dtype == np.float32 for k in weights.files)
-    assert (folder / "checkpoint.npz").exists()
+    assert not (folder / "checkpoint.npz").exists()  # dropped on success: model.npz stays
     cm = np.load(folder / "confusion_matrix.npy")
     assert cm.shape == (10, 10) and cm.sum() == 360
     for name in ("loss.png", "accuracy_f1.png", "confusion_matrix.png"):
@@ -118,12 +118,14 @@ def test_divergence_threshold_is_relative_to_chance():
             check_not_diverged(loss, 10, 4)
 
 
-def test_resume_continues_a_finished_prefix(tmp_path):
+def test_resume_continues_a_finished_prefix(tmp_path, labctl_env):
+    labctl_env(keep_checkpoint="true")  # a succeeded job keeps its checkpoint only if asked
     art = str(tmp_path)
     first = run_cli("run", "--model", "numpy-cnn", "--dataset", "digits", "--epochs", "2",
                     "--limit-train", "300", "--artifacts-dir", art, "--json")
     assert first.exit_code == 0, first.output
     job_id = json.loads(first.stdout)["job_id"]
+    assert (tmp_path / job_id / "checkpoint.npz").exists()
     again = run_cli("run", "--resume", job_id, "--epochs", "3", "--artifacts-dir", art, "--json")
     assert again.exit_code == 0, again.output
     assert "resuming after epoch 2" in again.stderr

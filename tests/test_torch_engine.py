@@ -72,8 +72,13 @@ def test_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(tmp_path
     first = run_job(spec, interrupted_id, store, CancelAt(epoch=3, batch=1))
     assert first.state == "cancelled"
     assert [r["epoch"] for r in store.job(interrupted_id).read_metrics()] == [1, 2]
-    resumed = run_job(spec, interrupted_id, store)  # a new engine in the same job folder
+    # A new engine in the same job folder; its checkpoint kept to be looked at below.
+    resumed = run_job(spec, interrupted_id, store, keep_checkpoint=True)
     assert resumed.state == "succeeded", resumed.error
+    # By default a succeeded job drops its checkpoint and keeps its final weights.
+    straight_folder = store.job("20260101-000000-000001").path
+    assert (straight_folder / "model.pt").exists()
+    assert not (straight_folder / "checkpoint.pt").exists()
 
     def numbers(job_id):
         return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")}
@@ -157,7 +162,7 @@ def test_cuda_bf16_channels_last_run_resumes(tmp_path):
     store = ArtifactStore(tmp_path)
     spec = spec_of(device="cuda", amp=True, channels_last=True, epochs=2, limit_train=256,
                    limit_test=64, batch_size=32, num_workers=2)
-    outcome = run_job(spec, "20260101-000000-00000c", store)
+    outcome = run_job(spec, "20260101-000000-00000c", store, keep_checkpoint=True)
     assert outcome.state == "succeeded", outcome.error
     engine = TorchEngine(spec)
     assert engine.optimizer.param_groups[0].get("foreach") or \

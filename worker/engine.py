@@ -87,7 +87,9 @@ class Engine(Protocol):
         """Write everything needed to resume after ``epoch`` (atomically)."""
 
     def load_checkpoint(self, path: Path) -> int:
-        """Restore state and return the epoch the checkpoint was taken after."""
+        """Restore state and return the epoch the checkpoint was taken after, as stored (the
+        runner checks its range). A file that is no checkpoint of this job raises
+        ``worker.checkpoints.CheckpointDamaged``."""
 
     def save_weights(self, path: Path) -> None: ...
 

@@ -22,14 +22,20 @@ import numpy as np
 
 from labctl.shared.artifacts import atomic_path
 from labctl.shared.spec import JobSpec
+from labctl.worker.checkpoints import (
+    CHECKPOINT_FORMATS,
+    CHECKPOINT_NAMES,
+    WEIGHTS_NAMES,
+    CheckpointDamaged,
+    read_npz,
+)
 from labctl.worker.engine import BatchCallback, DataError, EvalResult, TrainingDiverged, TrainResult
 from labctl.worker.numpy_cnn import Adam, AdaMax, build_default_cnn, softmax_cross_entropy
 from labctl.worker.numpy_cnn.losses import log_softmax
 from labctl.worker.numpy_cnn.optim import Optimizer
 from labctl.worker.schedule import lr_factor
 
-#: Written into every checkpoint so a foreign or older file fails with a clear message.
-CHECKPOINT_FORMAT = "labctl.numpy-cnn.v1"
+CHECKPOINT_FORMAT = CHECKPOINT_FORMATS["numpy-cnn"]
 #: Images per forward pass in evaluate(); only memory depends on it, not the results.
 EVAL_BATCH = 256
 OPTIMIZERS: dict[str, type[Optimizer]] = {"adam": Adam, "adamax": AdaMax}
@@ -49,8 +55,8 @@ class NumpyEngine:
     benchmarks use it to train on arrays they made.
     """
 
-    checkpoint_name = "checkpoint.npz"
-    weights_name = "model.npz"
+    checkpoint_name = CHECKPOINT_NAMES["numpy-cnn"]
+    weights_name = WEIGHTS_NAMES["numpy-cnn"]
 
     def __init__(self, spec: JobSpec, dataset: Any = None) -> None:
         self.spec = spec
@@ -148,25 +154,29 @@ class NumpyEngine:
             np.savez(f, **arrays)
 
     def load_checkpoint(self, path: Path) -> int:
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except Exception as exc:  # truncated or not an npz at all
-            raise DataError(f"cannot read checkpoint {path}: {exc}") from None
+        """Restore the state; returns the epoch as stored (the runner checks its range).
+        Raises :class:`CheckpointDamaged` for a file that is no checkpoint of this job."""
+        arrays = read_npz(path)
         if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
-            raise DataError(f"expected a {CHECKPOINT_FORMAT} checkpoint at {path}")
-        if int(arrays["num_classes"]) != self.num_classes:
-            raise DataError(f"checkpoint {path} has {int(arrays['num_classes'])} classes, the "
-                            f"data {self.num_classes}")
+            raise CheckpointDamaged(path, f"not a {CHECKPOINT_FORMAT} checkpoint")
+        try:
+            num_classes, epoch = int(arrays["num_classes"]), int(arrays["epoch"])
+            rng_state = json.loads(str(arrays["rng_state"]))
+        except (KeyError, ValueError, TypeError):
+            raise CheckpointDamaged(path, "its epoch, class count or generator state is "
+                                          "missing or unreadable") from None
+        if num_classes != self.num_classes:
+            raise DataError(f"checkpoint {path} has {num_classes} classes, the data "
+                            f"{self.num_classes}")
         try:
             self.model.load_state_dict(_strip(arrays, "model/"))
             self.optimizer.load_state_dict(_strip(arrays, "optim/"))
-        except (KeyError, ValueError) as exc:
-            raise DataError(f"checkpoint {path} does not fit this network: {exc}") from None
-        self.shuffle_rng.bit_generator.state = json.loads(str(arrays["rng_state"]))
-        self.epochs_done = int(arrays["epoch"])
+            self.shuffle_rng.bit_generator.state = rng_state
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointDamaged(path, f"it does not fit this network: {exc}") from None
+        self.epochs_done = epoch
         self.optimizer.lr = self.current_lr()
-        return self.epochs_done
+        return epoch
 
     def save_weights(self, path: Path) -> None:
         """The parameters alone, loadable with ``worker.numpy_cnn.Sequential.load``."""

@@ -24,7 +24,13 @@ from labctl.shared.records import JobRecords
 from labctl.shared.spec import JobSpec
 from labctl.worker.engine import JobCancelled
 from labctl.worker.reaper import Heartbeat
-from labctl.worker.runner import Reporter, ReporterWrapper, epoch_line, outcome_line
+from labctl.worker.runner import (
+    Reporter,
+    ReporterWrapper,
+    epoch_line,
+    outcome_line,
+    resume_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,8 @@ class QueueReporter(Reporter):
         self.epochs = spec.epochs
         if info.get("start_epoch"):
             self._backfill_epoch_lines(info.get("finished_rows") or [])
-            self._log(f"resumed from checkpoint after epoch {info['start_epoch']}")
+        if info.get("start_epoch") or info.get("resumed"):
+            self._log(resume_line(info.get("start_epoch") or 0))
         self._update(num_classes=info.get("num_classes"), train_size=info.get("train_size"),
                      test_size=info.get("test_size"), start_epoch=info.get("start_epoch", 0))
 

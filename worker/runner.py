@@ -1,9 +1,12 @@
 """The one way a job is executed: ``labctl run`` calls it in-process, the Celery task calls
 it in a worker. It owns the job folder: spec, status, metrics, checkpoints, plots, summary.
 
-    seed -> load data -> build engine -> resume? -> for each epoch:
-        train_one_epoch -> evaluate -> metrics.jsonl -> checkpoint (atomic) -> reporter
-    -> final weights, confusion matrix, plots, summary.json
+    seed -> load data -> build engine -> resume? (checkpoint checked, rows and log
+    lines past it dropped) -> for each epoch:
+        train_one_epoch -> evaluate -> metrics.jsonl -> checkpoint (atomic) -> log.txt
+        -> status.json -> reporter
+    -> final weights, confusion matrix, plots, summary.json -> status.json (the end)
+    -> the checkpoint deleted if it succeeded (unless LABCTL_KEEP_CHECKPOINT)
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from labctl.shared import folder_lock, lifecycle
-from labctl.shared.artifacts import ArtifactStore, JobFolder, utc_now, write_json
+from labctl.shared.artifacts import ArtifactStore, JobFolder, atomic_path, utc_now, write_json
 from labctl.shared.folder_lock import FolderBusy
 from labctl.shared.jobstate import EpochRow, JobState, Summary
+from labctl.shared.settings import get_settings
 from labctl.shared.spec import JobSpec, SpecError, check_runtime, resolve_data_root
+from labctl.worker.checkpoints import checked_epoch, checkpoint_path
 from labctl.worker.engine import (
     DataError,
     Engine,
@@ -121,12 +127,23 @@ def build_engine(spec: JobSpec) -> Engine:
     return TorchEngine(spec)
 
 
+#: An epoch's line as :func:`epoch_line` writes it, with its epoch as group 1.
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+ ")
+
+
 def epoch_line(row: EpochRow, epochs: int) -> str:
     """The human-readable line for one epoch, shared by ``labctl run`` and ``labctl logs``."""
     return (f"epoch {row['epoch']}/{epochs} train_loss={row['train_loss']:.4f} "
             f"test_loss={row['test_loss']:.4f} acc={row['test_accuracy']:.4f} "
             f"f1={row['test_f1_macro']:.4f} {row['epoch_seconds']:.1f}s "
             f"{row['images_per_second']:.0f} img/s")
+
+
+def resume_line(start_epoch: int) -> str:
+    """What a resumed run says first, in the job's log: where it goes on from."""
+    if start_epoch:
+        return f"resumed from checkpoint after epoch {start_epoch}"
+    return "no checkpoint to resume from; starting from epoch 1"
 
 
 def outcome_line(state: str, error: str | None, summary: Summary | None) -> str:
@@ -141,9 +158,13 @@ def outcome_line(state: str, error: str | None, summary: Summary | None) -> str:
 
 def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter | None = None,
             *, default_data_root: str | None = None, allowed_data_dir: str | None = None,
-            status_extra: dict[str, Any] | None = None, writer: str = folder_lock.LOCAL_RUN
-            ) -> RunOutcome:
+            status_extra: dict[str, Any] | None = None, writer: str = folder_lock.LOCAL_RUN,
+            keep_checkpoint: bool | None = None) -> RunOutcome:
     """Run ``spec`` to the end, resuming from the job's checkpoint if one exists.
+
+    A job that succeeds keeps its final weights and drops its resumable checkpoint (the
+    larger file: 283 MB beside 94 MB of weights for a ResNet50), unless ``keep_checkpoint``
+    (default: the ``LABCTL_KEEP_CHECKPOINT`` setting) says to keep it.
 
     The run holds the job folder's lock (``shared/folder_lock.py``) while it writes; a
     folder another process on this host is writing is left untouched and the outcome says
@@ -158,8 +179,11 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
     folder = store.job(job_id)
     try:
         folder.create()
+        if keep_checkpoint is None:
+            keep_checkpoint = get_settings().keep_checkpoint
         with folder_lock.hold(folder.path, writer):
-            return _run_holding_lock(spec, folder, reporter, allowed_data_dir, status_extra)
+            return _run_holding_lock(spec, folder, reporter, allowed_data_dir, status_extra,
+                                     keep_checkpoint)
     except FolderBusy as busy:
         error = f"its folder is being written by {busy.holder}"
         failure = "busy"
@@ -171,8 +195,8 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
 
 
 def _run_holding_lock(spec: JobSpec, folder: JobFolder, reporter: Reporter,
-                      allowed_data_dir: str | None, status_extra: dict[str, Any] | None
-                      ) -> RunOutcome:
+                      allowed_data_dir: str | None, status_extra: dict[str, Any] | None,
+                      keep_checkpoint: bool) -> RunOutcome:
     job_id = folder.job_id
     try:
         status = lifecycle.run_started(folder, spec, status_extra)
@@ -181,8 +205,9 @@ def _run_holding_lock(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         reporter.on_end(JobState.FAILED, {"error": error, "summary": {}})
         return RunOutcome(job_id, JobState.FAILED, error, {}, failure="crash")
     clock = RunClock(status.get("run_seconds") or 0.0)
+    resuming = bool(status.get("state"))  # an earlier run (or attempt) wrote this folder
     try:
-        summary = _train(spec, folder, reporter, allowed_data_dir, clock)
+        summary = _train(spec, folder, reporter, allowed_data_dir, clock, resuming)
     except KeyboardInterrupt:
         outcome = _finish(folder, reporter, JobState.CANCELLED, "interrupted by the user",
                           failure="cancelled", clock=clock)
@@ -197,10 +222,12 @@ def _run_holding_lock(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         return _finish(folder, reporter, JobState.FAILED, str(exc), failure="diverged", clock=clock)
     except Exception as exc:  # the job fails; the worker lives on to take the next one
         log.exception("job %s crashed", job_id)
-        folder.log(traceback.format_exc().rstrip())  # for `labctl logs`, wherever it ran
+        _keep_traceback(folder)
         return _finish(folder, reporter, JobState.FAILED, _describe_crash(exc, spec),
                        failure="crash", clock=clock)
-    return _finish(folder, reporter, JobState.SUCCEEDED, None, summary, clock=clock)
+    return _finish(folder, reporter, JobState.SUCCEEDED, None, summary, clock=clock,
+                   drop_on_success=None if keep_checkpoint else
+                   checkpoint_path(folder.path, spec.model))
 
 
 class RunClock:
@@ -246,12 +273,37 @@ def _describe_crash(exc: Exception, spec: JobSpec) -> str:
     return text
 
 
+def _keep_traceback(folder: JobFolder) -> None:
+    """The crash's traceback, for whoever debugs it, in traceback.txt: log.txt keeps one
+    line per failure (its outcome), and a full disk must not add a second failure here."""
+    try:
+        with atomic_path(folder.traceback_path) as tmp:
+            tmp.write_text(traceback.format_exc())
+    except OSError:
+        pass
+
+
 def _finish(folder: JobFolder, reporter: Reporter, state: JobState, error: str | None,
             summary: Summary | None = None, failure: str | None = None,
-            *, clock: RunClock) -> RunOutcome:
+            *, clock: RunClock, drop_on_success: Path | None = None) -> RunOutcome:
+    """Record the end in the folder and tell the reporter. ``drop_on_success``: the
+    checkpoint to delete once the folder says succeeded (from then on nothing resumes
+    from it: a requeued attempt finds the end recorded and does not train)."""
     reporter.before_save(0)  # the end is a write too: a stale attempt must not make it
-    lifecycle.run_ended(folder, state, error, run_seconds=clock.seconds())
-    folder.log(outcome_line(state, error, summary))
+    try:
+        lifecycle.run_ended(folder, state, error, run_seconds=clock.seconds())
+        folder.log(outcome_line(state, error, summary))
+    except (OSError, ValueError) as exc:  # a full disk, a status.json damaged meanwhile:
+        # the reporter (the queue's record) still hears of the end.
+        log.error("job %s ended %s but its folder could not record it: %s",
+                  folder.job_id, state, exc)
+    else:
+        if state == JobState.SUCCEEDED and drop_on_success is not None:
+            try:
+                drop_on_success.unlink(missing_ok=True)
+            except OSError as exc:  # the job succeeded all the same; only disk is lost
+                log.warning("job %s: its checkpoint could not be deleted: %s",
+                            folder.job_id, exc)
     result = {"error": error, "summary": summary or {}}
     try:
         reporter.on_end(state, result)
@@ -261,21 +313,26 @@ def _finish(folder: JobFolder, reporter: Reporter, state: JobState, error: str |
 
 
 def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
-           allowed_data_dir: str | None, clock: RunClock) -> Summary:
+           allowed_data_dir: str | None, clock: RunClock, resuming: bool) -> Summary:
     check_runtime(spec, allowed_data_dir)
     seed_global_generators(spec.seed)
     engine = build_engine(spec)
     checkpoint = folder.path / engine.checkpoint_name
-    start_epoch = engine.load_checkpoint(checkpoint) if checkpoint.exists() else 0
+    start_epoch = 0
+    if checkpoint.exists():
+        # Checked before any row is dropped: an edited epoch of -5 would drop them all.
+        start_epoch = checked_epoch(checkpoint, engine.load_checkpoint(checkpoint),
+                                    spec.epochs)
     folder.keep_metrics_through(start_epoch)  # rows of epochs the checkpoint does not hold
-    if start_epoch:
-        folder.log(f"resumed from checkpoint after epoch {start_epoch}")
+    # A resumed job's earlier rows, for a reporter whose copy of them may be missing one.
+    rows = folder.read_metrics() if start_epoch else []
+    if resuming or start_epoch:
+        _mend_log(folder, start_epoch, rows, spec.epochs)
+        folder.log(resume_line(start_epoch))
     info = {"num_classes": engine.num_classes, "train_size": engine.train_size,
             "test_size": engine.test_size, "start_epoch": start_epoch}
     lifecycle.run_progress(folder, **info)
-    # A resumed job's earlier rows, for a reporter whose copy of them may be missing one.
-    rows = folder.read_metrics() if start_epoch else []
-    reporter.on_start(folder.job_id, spec, {**info, "finished_rows": rows})
+    reporter.on_start(folder.job_id, spec, {**info, "finished_rows": rows, "resumed": resuming})
 
     for epoch in range(start_epoch + 1, spec.epochs + 1):
         lr = engine.current_lr()
@@ -305,15 +362,43 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
         # exactly once (the other order would lose this epoch's row for good).
         fence()
         folder.append_metrics(row)
-        folder.log(epoch_line(row, spec.epochs))
         fence()
         engine.save_checkpoint(checkpoint, epoch, spec.model_dump(mode="json"))
+        # The log line after the checkpoint: a crash before it leaves a gap that the
+        # resume fills from metrics.jsonl (see _mend_log), never a line the resume repeats.
+        folder.log(epoch_line(row, spec.epochs))
         fence()
         lifecycle.run_progress(folder, epoch=epoch, metrics=row, run_seconds=clock.seconds())
         reporter.on_epoch(row)
 
     return _write_final_artefacts(spec, folder, engine, clock,
                                   partial(reporter.before_save, spec.epochs))
+
+
+def _mend_log(folder: JobFolder, start_epoch: int, rows: list[EpochRow], epochs: int) -> None:
+    """On resume: log.txt keeps one line per epoch the checkpoint holds and none past it,
+    as metrics.jsonl does. An older run's line for an epoch about to be trained again goes
+    (so no epoch is logged twice); an epoch whose line was never written (killed between
+    the checkpoint and the line) gets it from its metrics row. Other lines stay."""
+    lines = folder.read_log()
+    kept: list[str] = []
+    logged: set[int] = set()
+    for line in lines:
+        match = EPOCH_LINE.match(line)
+        if match:
+            epoch = int(match[1])
+            if epoch > start_epoch or epoch in logged:
+                continue
+            logged.add(epoch)
+        kept.append(line)
+    for row in rows:
+        if row["epoch"] not in logged:
+            try:
+                kept.append(epoch_line(row, epochs))
+            except (KeyError, TypeError, ValueError):  # a hand-edited row: leave the gap
+                continue
+    if kept != lines:
+        folder.replace_log(kept)
 
 
 def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,

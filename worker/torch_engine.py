@@ -23,6 +23,13 @@ from torch.utils.data import DataLoader
 
 from labctl.shared.artifacts import atomic_path
 from labctl.shared.spec import JobSpec, SpecError
+from labctl.worker.checkpoints import (
+    CHECKPOINT_FORMATS,
+    CHECKPOINT_NAMES,
+    WEIGHTS_NAMES,
+    CheckpointDamaged,
+    read_torch,
+)
 from labctl.worker.data import build_torch_datasets
 from labctl.worker.engine import (
     BatchCallback,
@@ -35,8 +42,7 @@ from labctl.worker.engine import (
 from labctl.worker.resnet import load_init_weights, resnet50
 from labctl.worker.torch_optim import apply_schedule, build_optimizer, build_scheduler
 
-#: Written into every checkpoint so a foreign or older file fails with a clear message.
-CHECKPOINT_FORMAT = "labctl.resnet50.v1"
+CHECKPOINT_FORMAT = CHECKPOINT_FORMATS["resnet50"]
 #: On a GPU, reading the loss back every batch would stall the launch queue; finiteness is
 #: checked every this many batches instead (the first bad batch is still named exactly).
 CUDA_LOSS_CHECK_EVERY = 25
@@ -116,8 +122,8 @@ def _check_batchnorm_can_train(spec: JobSpec, train_size: int) -> None:
 
 
 class TorchEngine:
-    checkpoint_name = "checkpoint.pt"
-    weights_name = "model.pt"
+    checkpoint_name = CHECKPOINT_NAMES["resnet50"]
+    weights_name = WEIGHTS_NAMES["resnet50"]
 
     def __init__(self, spec: JobSpec):
         self.spec = spec
@@ -271,21 +277,25 @@ class TorchEngine:
             torch.save(state, tmp)
 
     def load_checkpoint(self, path: Path) -> int:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated, foreign or from a newer torch
-            raise DataError(f"cannot read checkpoint {path}: {exc}") from None
+        """Restore the state; returns the epoch as stored (the runner checks its range).
+        Raises :class:`CheckpointDamaged` for a file that is no checkpoint of this job."""
+        state = read_torch(path)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise DataError(f"expected a {CHECKPOINT_FORMAT} checkpoint at {path}")
-        if state["num_classes"] != self.num_classes:
-            raise DataError(f"checkpoint {path} has {state['num_classes']} classes, the data "
-                            f"{self.num_classes}")
-        self.model.load_state_dict(state["model"])
-        self._load_optimizer_state(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        apply_schedule(self.scheduler)
-        restore_rng_state(state["rng"], self.loader_generator)
-        return int(state["epoch"])
+            raise CheckpointDamaged(path, f"not a {CHECKPOINT_FORMAT} checkpoint")
+        if state.get("num_classes") != self.num_classes:
+            raise DataError(f"checkpoint {path} has {state.get('num_classes')} classes, the "
+                            f"data {self.num_classes}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self._load_optimizer_state(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            apply_schedule(self.scheduler)
+            restore_rng_state(state["rng"], self.loader_generator)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            # RuntimeError: load_state_dict's missing or mis-shaped tensors.
+            raise CheckpointDamaged(path, "it does not fit this network: "
+                                          f"{str(exc).splitlines()[0][:200]}") from None
+        return state.get("epoch")
 
     def _load_optimizer_state(self, saved: dict) -> None:
         """Load the optimizer's moments but keep this device's kernel choice: a checkpoint
