@@ -104,7 +104,7 @@ def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
     from labctl.worker.app import app
 
     try:
-        app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues,
+        app.worker_main(["worker", "--pool", "threads", "--concurrency", "1", "--queues", queues,
                          "--hostname", hostname, "--loglevel", loglevel.upper(),
                          # Mingle and gossip sync worker state we don't use; skipping them
                          # makes a worker ready a second sooner.
