@@ -123,6 +123,14 @@ def _prepare_worker(sender=None, **_kwargs) -> None:
 
 
 @signals.worker_ready.connect
+def _install_stop_signals(sender=None, **_kwargs) -> None:
+    """After Celery's own handlers, which worker_ready follows (see worker/stop_signals.py)."""
+    from labctl.worker.stop_signals import install_stop_signals
+
+    install_stop_signals(getattr(sender, "hostname", None) or "worker")
+
+
+@signals.worker_ready.connect
 def _start_reaper(sender=None, **_kwargs) -> None:
     from labctl.worker.reaper import start_reaper
 
