@@ -2,8 +2,9 @@
 
 A real password-protected redis-server, one real ``labctl worker``, Celery's own ``inspect``
 command and a real Flower, all shared by this module: one long job trains while the tests
-ask. A worker whose training blocks its consumer (the solo pool) fails every test here but
-the last: no pong, no active task, and Flower sees its heartbeats stop.
+ask. A worker whose training blocks its consumer (the solo pool) fails the inspect and
+Flower tests: no pong, no active task, and Flower sees its heartbeats stop. The job's
+metrics still come from the worker process itself.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from labctl.shared import lifecycle
 from labctl.shared.celery_config import TASK_NAME, priority_list
@@ -50,6 +52,7 @@ class Busy:
     worker: WorkerProcess
     records: JobRecords
     flower_port: int
+    metrics_port: int
     job_id: str
     #: submitted after job_id, to the same single worker: it must wait its turn
     queued_id: str
@@ -105,8 +108,9 @@ def busy(tmp_path_factory) -> Iterator[Busy]:
         # Flower first: it learns of a task only from the events sent while it listens.
         flower_port, flower_log = free_port(), tmp / "flower.log"
         flower = start_flower(server.url, flower_port, flower_log)
+        metrics_port = free_port()
         worker = WorkerProcess(server.url, tmp / "worker.log", name="busy", queues="cpu",
-                               env=env)
+                               env=env, extra_args=["--metrics-port", str(metrics_port)])
         try:
             wait_for(lambda: flower_up(flower_port, flower, flower_log), 90, interval=0.2,
                      what="flower to serve")
@@ -117,7 +121,7 @@ def busy(tmp_path_factory) -> Iterator[Busy]:
             wait_for(lambda: records.state(job_id) == "running", 60, what="the job to start")
             queued_id = submit_job(build_spec({**LONG, "seed": 1}), records=records, app=app)
             time.sleep(BUSY_SECONDS)
-            yield Busy(server, worker, records, flower_port, job_id, queued_id)
+            yield Busy(server, worker, records, flower_port, metrics_port, job_id, queued_id)
         finally:
             worker.stop()
             flower.terminate()
@@ -156,6 +160,18 @@ def test_one_job_at_a_time_the_next_waits_in_the_queue(busy):
     done = busy.celery("inspect", "reserved", "-t", "5", "-d", busy.worker.hostname, "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout) == {busy.worker.hostname: []}  # none waits in the worker
+
+
+def test_the_worker_process_serves_the_metrics_of_the_job_its_thread_trains(busy):
+    with urllib.request.urlopen(f"http://127.0.0.1:{busy.metrics_port}/metrics",
+                                timeout=10) as response:
+        text = response.read().decode()
+    samples = [sample for family in text_string_to_metric_families(text)
+               for sample in family.samples]
+    assert [s.value for s in samples if s.name == "labctl_jobs_running"] == [1]
+    assert [s.value for s in samples if s.name == "labctl_job_epochs"
+            and s.labels.get("job_id") == busy.job_id] == [LONG["epochs"]]
+    busy.assert_still_training()
 
 
 def test_flower_shows_the_busy_worker_online_and_its_task_started(busy):
