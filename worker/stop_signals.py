@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any
 
 from celery import platforms, signals
@@ -25,8 +26,11 @@ EXIT_INTERRUPTED = 1
 
 
 def install_stop_signals(hostname: str) -> None:
-    """Replace Celery's SIGINT and SIGQUIT handlers. Call from the main thread once Celery
-    has installed its own (at ``worker_ready``)."""
+    """Replace Celery's SIGINT and SIGQUIT handlers, once Celery has installed its own (at
+    ``worker_ready``). A worker embedded in another thread (Celery's test worker) installs
+    none, and neither does Celery."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     for name in ("SIGINT", "SIGQUIT"):
         platforms.signals[name] = _stop_handler(name, hostname)
 
