@@ -1,6 +1,7 @@
-"""``labctl worker``: a Celery worker in the foreground, on the solo pool.
+"""``labctl worker``: a Celery worker in the foreground, one job at a time in the one thread of
+Celery's threads pool (the main thread serves remote control and events meanwhile).
 
-``--concurrency N`` starts N solo workers as child processes rather than one prefork pool:
+``--concurrency N`` starts N such workers as child processes rather than one prefork pool:
 each job then owns a whole process (one per GPU, no CUDA in a forking parent, metrics in the
 process that trains). Child i is named ``<name>i@host`` and serves metrics on ``P+i``; this
 process forwards SIGINT/SIGTERM/SIGQUIT to them and restarts a child that dies unexpectedly
@@ -41,7 +42,7 @@ def parse_queues(value: str) -> str:
               callback=lambda _ctx, _param, value: parse_queues(value),
               help="comma-separated queues to take jobs from")
 @click.option("--concurrency", "-c", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="solo worker processes to start (one job each)")
+              help="worker processes to start (one job each)")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="serve Prometheus /metrics here (child i of --concurrency N: port+i) "
                    "[$LABCTL_METRICS_PORT]")
@@ -104,7 +105,10 @@ def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
     from labctl.worker.app import app
 
     try:
-        app.worker_main(["worker", "--pool", "solo", "--concurrency", "1", "--queues", queues,
+        # One thread: one job per process, trained beside the consumer rather than inside
+        # it (as solo would), so the worker answers `celery inspect` and Flower while it
+        # trains. Threads, not prefork: no fork, and the job dies with the process.
+        app.worker_main(["worker", "--pool", "threads", "--concurrency", "1", "--queues", queues,
                          "--hostname", hostname, "--loglevel", loglevel.upper(),
                          # Mingle and gossip sync worker state we don't use; skipping them
                          # makes a worker ready a second sooner.

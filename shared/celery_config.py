@@ -55,9 +55,18 @@ def celery_settings() -> dict[str, Any]:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_track_started=True,
-        # The solo pool is the default, so a plain `celery -A labctl.worker.app worker` runs
-        # jobs the way `labctl worker` does (docs/queue.md, "Why the solo pool").
+        # Task events, so Flower (and `celery events`) see each job received, started and
+        # ended; without them it sees the workers (heartbeats) but none of their jobs. The
+        # sent event shows a job from the moment it is queued.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # Never prefork (docs/queue.md, "One job per process"): a plain `celery -A
+        # labctl.worker.app worker` runs on the solo pool. `labctl worker` runs the threads
+        # pool instead, so that it answers remote control and Flower while it trains.
         worker_pool="solo",
+        # One job per process on any pool: `--pool threads` alone would start a thread per
+        # core, each taking a job.
+        worker_concurrency=1,
         # One job at a time per worker process: never hoard a second message behind a
         # two-hour job while another worker sits idle.
         worker_prefetch_multiplier=1,

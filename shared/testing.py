@@ -257,8 +257,8 @@ class RedisServer:
 
 
 class WorkerProcess:
-    """``labctl worker`` in a subprocess (the solo pool: the job runs in this very process,
-    so ``kill()`` is a SIGKILL of the job too). Output goes to ``log_path``."""
+    """``labctl worker`` in a subprocess (the job runs in a thread of this very process, so
+    ``kill()`` is a SIGKILL of the job too). Output goes to ``log_path``."""
 
     def __init__(self, redis_url: str, log_path: Path, *, name: str = "w1",
                  queues: str = "cpu,gpu", env: dict[str, str] | None = None,

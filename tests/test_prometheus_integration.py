@@ -281,7 +281,7 @@ def test_gauges_during_the_job_match_metrics_jsonl(observed):
 
 
 def test_queue_depth_running_and_redis_up_during_the_job(observed):
-    # The Adam job waits in the cpu queue while the AdaMax one trains (solo pool, no prefetch).
+    # The Adam job waits in the cpu queue while the AdaMax one trains (one job per worker).
     assert 1 in observed.queue_depth_during, observed.queue_depth_during
     assert set(observed.running_during) == {1}
     assert set(observed.redis_up_during) == {1}  # reached with the password in the URL

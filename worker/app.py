@@ -5,12 +5,14 @@ Only workers import this module; senders use ``labctl.shared.celery_config``, wh
 task name, the queues and the configuration both sides share. The task module is listed in
 ``include`` and imported by the worker only.
 
-Why the solo pool: a job owns its device (a GPU, or every core through BLAS), so one job per
-process is all the concurrency we want; more workers means more processes (``labctl worker
---concurrency N`` starts N of them). Solo also means no fork, so CUDA is never initialised in
-a parent that forks, a SIGKILL of the worker kills its job with it (no orphan keeps training
-and writing checkpoints), and the process that trains is the one serving ``/metrics``.
-See docs/queue.md.
+One job per process: a job owns its device (a GPU, or every core through BLAS), so one job
+per process is all the concurrency we want; more workers means more processes (``labctl
+worker --concurrency N`` starts N of them). ``labctl worker`` runs it in the one thread of
+Celery's threads pool, so the main thread keeps serving the consumer (remote control, event
+heartbeats) and Flower and ``celery inspect`` see a busy worker. No fork, so CUDA is never
+initialised in a parent that forks, a SIGKILL of the worker kills its job with it (no orphan
+keeps training and writing checkpoints), and the process that trains is the one serving
+``/metrics``. See docs/queue.md.
 """
 
 from __future__ import annotations
@@ -116,8 +118,16 @@ def _prepare_worker(sender=None, **_kwargs) -> None:
                     settings.heartbeat_timeout_seconds, settings.heartbeat_seconds)
     start_metrics_if_configured(settings.metrics_port, settings.redis_url)
     # Pay for importing torch and the engines now rather than inside the first job. Importing
-    # torch does not initialise CUDA, and with the solo pool nothing forks after this anyway.
+    # torch does not initialise CUDA, and no pool forks after this anyway.
     threading.Thread(target=_preload_engines, name="labctl-preload", daemon=True).start()
+
+
+@signals.worker_ready.connect
+def _install_stop_signals(sender=None, **_kwargs) -> None:
+    """After Celery's own handlers, which worker_ready follows (see worker/stop_signals.py)."""
+    from labctl.worker.stop_signals import install_stop_signals
+
+    install_stop_signals(getattr(sender, "hostname", None) or "worker")
 
 
 @signals.worker_ready.connect
@@ -132,7 +142,12 @@ def _start_reaper(sender=None, **_kwargs) -> None:
 def _hand_back_running_job(sig=None, how=None, exitcode=None, **_kwargs) -> None:
     """Warm shutdown (SIGTERM, e.g. ``docker stop``): instead of making the caller wait for
     a job that may take hours, stop it at the next batch and requeue it at once; it resumes
-    from its last epoch checkpoint on the next free worker."""
+    from its last epoch checkpoint on the next free worker.
+
+    Sent from Celery's signal handler, in the main thread; the job trains in the pool's
+    thread, where no signal handler runs, and learns of it from the event this sets (checked
+    before every batch). Celery's warm shutdown then waits for that thread, so the hand-back
+    and the ack of the old message happen before the connection closes."""
     from labctl.worker.queue_reporter import request_handback
 
     request_handback(f"worker shutting down ({sig})")

@@ -7,15 +7,16 @@ handful of values each. The one unbounded label, ``job_id``, is only on the runn
 gauges, and :func:`remove_job_series` deletes a job's series when it ends, so a worker that
 has run a thousand jobs exports the series of at most one.
 
-Why a plain registry: the worker runs Celery's **solo pool**, one job at a time in the
-worker's own process, so the process that trains is the process that serves ``/metrics``.
+Why a plain registry: the worker runs one job at a time in its own process (a thread of
+Celery's threads pool, never a child), so the process that trains is the process that
+serves ``/metrics``.
 With the prefork pool each job would run in a forked child whose metric values the parent's
 HTTP server never sees; that needs ``prometheus_client``'s multiprocess mode (a shared
 ``PROMETHEUS_MULTIPROC_DIR`` of mmap files, no custom collectors, gauges with a
 ``multiprocess_mode``, and files to clean when children die). We do not use prefork because a
 training job owns the whole device (one GPU, or every CPU core through BLAS), so concurrency
-comes from running one worker per GPU (``docker compose up --scale worker-gpu=N``), and the
-solo pool also keeps CUDA out of any fork.
+comes from running one worker per GPU (``docker compose up --scale worker-gpu=N``), and
+without prefork CUDA is never initialised in a parent that forks.
 
 The worker calls :func:`start_metrics_server` once at start-up; the Celery task adds a
 ``worker.metrics_reporter.MetricsReporter`` to each job's reporters.
@@ -79,7 +80,7 @@ JOBS = Counter(
     "labctl_jobs", "Jobs that ended on this worker, by final state.",
     ("state", *SPEC_LABELS), registry=REGISTRY)  # exposed as labctl_jobs_total
 JOBS_RUNNING = Gauge(
-    "labctl_jobs_running", "Jobs training on this worker now (0 or 1 with the solo pool).",
+    "labctl_jobs_running", "Jobs training on this worker now (0 or 1: one job per process).",
     registry=REGISTRY)
 
 # Running-job gauges: one series per job, removed when it ends.
