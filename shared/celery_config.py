@@ -60,10 +60,11 @@ def celery_settings() -> dict[str, Any]:
         # sent event shows a job from the moment it is queued.
         worker_send_task_events=True,
         task_send_sent_event=True,
-        # Never prefork (docs/queue.md, "One job per process"): a plain `celery -A
-        # labctl.worker.app worker` runs on the solo pool. `labctl worker` runs the threads
-        # pool instead, so that it answers remote control and Flower while it trains.
-        worker_pool="solo",
+        # Never prefork (docs/queue.md, "One job per process"), and not solo either: on the
+        # threads pool the job trains in the pool's one thread while the main thread answers
+        # remote control and Flower. A plain `celery -A labctl.worker.app worker` gets the
+        # same pool as `labctl worker`.
+        worker_pool="threads",
         # One job per process on any pool: `--pool threads` alone would start a thread per
         # core, each taking a job.
         worker_concurrency=1,

@@ -306,7 +306,7 @@ def test_sigterm_hands_the_running_job_back_to_the_queue(stack):
                stack.records.read_log(job_id))
 
 
-def test_plain_celery_worker_uses_the_solo_pool_and_runs_jobs(stack, tmp_path):
+def test_plain_celery_worker_uses_one_thread_not_prefork_and_runs_jobs(stack, tmp_path):
     """`celery -A labctl.worker.app worker`, without labctl's flags, must not use prefork."""
     import os
     import subprocess
@@ -323,7 +323,7 @@ def test_plain_celery_worker_uses_the_solo_pool_and_runs_jobs(stack, tmp_path):
             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: " ready." in log.read_text(), 90, interval=0.2, what="celery ready")
-        assert "(solo)" in log.read_text()
+        assert "concurrency: 1 (thread)" in log.read_text()  # the threads pool's module
         # The gpu queue, which only this worker reads here.
         job_id = submit_job(build_spec(TINY), records=stack.records, app=stack.app, queue="gpu")
         record = stack.wait_end(job_id)

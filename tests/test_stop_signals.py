@@ -28,8 +28,8 @@ LONG = {"model": "numpy-cnn", "dataset": "digits", "epochs": 500, "batch_size": 
 WORKERS = {
     "labctl worker": ["-m", "labctl.cli.main", "worker", "--queues", "cpu",
                       "--hostname", "quit@%h"],
-    "celery worker (solo)": ["-m", "celery", "-A", "labctl.worker.app", "worker", "-Q", "cpu",
-                             "-n", "quit@%h", "--loglevel", "info"],
+    "celery worker --pool solo": ["-m", "celery", "-A", "labctl.worker.app", "worker", "-Q", "cpu",
+                                  "--pool", "solo", "-n", "quit@%h", "--loglevel", "info"],
 }
 
 
