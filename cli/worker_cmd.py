@@ -4,7 +4,8 @@
 each job then owns a whole process (one per GPU, no CUDA in a forking parent, metrics in the
 process that trains). Child i is named ``<name>i@host`` and serves metrics on ``P+i``; this
 process forwards SIGINT/SIGTERM/SIGQUIT to them and restarts a child that dies unexpectedly
-(its job, if any, is requeued by the reapers).
+(its job, if any, is requeued by the reapers). A child dies with this process, even when
+it is SIGKILLed (``cli/parent_watch.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import click
 
 from labctl.cli.errors import BadSpec, BrokerUnavailable
+from labctl.cli.parent_watch import SUPERVISOR_PID_ENV, die_with_supervisor
 from labctl.shared.settings import get_settings
 
 QUEUE_NAMES = ("cpu", "gpu")
@@ -56,6 +58,7 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
     On SIGTERM the running job stops at its next batch and goes back to the queue; it
     resumes from its last epoch checkpoint on the next free worker.
     """
+    die_with_supervisor()
     if metrics_port is None:
         metrics_port = get_settings().metrics_port
     if metrics_port:  # 0 picks free ports; None serves none
@@ -147,7 +150,9 @@ def supervise(queues: str, concurrency: int, metrics_port: int | None, loglevel:
     def start(index: int) -> None:
         # Own session: a terminal's Ctrl-C reaches this process only, which forwards it
         # once (a second SIGINT would make Celery cold-stop the child mid-batch).
-        children[index] = (subprocess.Popen(commands[index - 1], start_new_session=True),
+        children[index] = (subprocess.Popen(commands[index - 1], start_new_session=True,
+                                            env={**os.environ,
+                                                 SUPERVISOR_PID_ENV: str(os.getpid())}),
                            time.monotonic())
 
     def forward(signum: int, _frame: object) -> None:

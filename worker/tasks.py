@@ -23,7 +23,12 @@ from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
 from labctl.worker.app import TASK_NAME, app
-from labctl.worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter
+from labctl.worker.queue_reporter import (
+    GuardedReporter,
+    JobReleased,
+    QueueReporter,
+    shutting_down,
+)
 from labctl.worker.reaper import Heartbeat, send_job, worker_records
 from labctl.worker.runner import Reporter, Reporters, run_job
 
@@ -72,6 +77,8 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
     records = worker_records()
     store = ArtifactStore(settings.artifacts_dir)
     owner = f"{hostname}:{os.getpid()}:{attempt}"
+    if shutting_down():
+        return _put_back(records, job_id, spec_values, attempt)
     try:
         claimed = lifecycle.claim(records, store, job_id, attempt, owner,
                                   lease_seconds=settings.heartbeat_timeout_seconds,
@@ -96,10 +103,30 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         error = f"invalid spec: {exc}"
         lifecycle.ended(records, job_id, owner, JobState.FAILED, error=error)
         records.append_log(job_id, f"failed: {error}")
-        log.error("job %s rejected: %s", job_id, error)
-        raise Reject(error, requeue=False) from None
+        # The user's mistake, not the worker's: one line, no traceback, the message acked.
+        log.error("job %s attempt %d failed: %s", job_id, attempt, error)
+        return {"job_id": job_id, "attempt": attempt, "state": JobState.FAILED}
 
     return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
+
+
+def _put_back(records: JobRecords, job_id: str, spec_values: dict[str, Any],
+              attempt: int) -> dict[str, Any]:
+    """A worker that is stopping can still be handed a message: one it was already reading
+    when the signal came, often the very job another worker just handed back. Claiming it
+    would only hand it back again, one attempt later; the message goes back as it came, for
+    a worker that stays."""
+    from labctl.shared.queue import enqueue
+
+    try:
+        record = records.get(job_id)
+        if record and record.get("state") == JobState.QUEUED and record.get("attempts") == attempt:
+            enqueue(job_id, spec_values, attempt=attempt, queue=record["queue"], app=app)
+    except Exception as exc:  # not sent: the broker keeps this message instead
+        raise Reject(f"worker shutting down; message not re-sent: {exc}", requeue=True) from None
+    log.info("job %s attempt %d not claimed: this worker is shutting down; put back in the "
+             "queue", job_id, attempt)
+    return {"job_id": job_id, "attempt": attempt, "skipped": "worker shutting down"}
 
 
 def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_id: str,

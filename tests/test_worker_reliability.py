@@ -1,0 +1,185 @@
+"""Workers that must not work, or must stop working, with real processes: children that die
+with their supervisor, a shutting-down worker that claims nothing, a worker that cannot
+write its artefacts, a dataset too big for the host, one-line failures and distinct
+worker names (a private redis-server and real `labctl worker` processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labctl.shared.artifacts import ArtifactStore
+from labctl.shared.celery_config import PRIORITY_SEP, PRIORITY_STEPS
+from labctl.shared.jobstate import TERMINAL_STATES
+from labctl.shared.queue import submit_job
+from labctl.shared.records import JobRecords
+from labctl.shared.spec import build_spec
+from labctl.shared.testing import WorkerProcess, stop_all, wait_for
+from labctl.worker.app import make_app
+
+pytestmark = pytest.mark.integration
+
+TINY = {"model": "numpy-cnn", "dataset": "digits", "epochs": 1, "batch_size": 64,
+        "limit_train": 128, "limit_test": 64, "num_workers": 0}
+#: Still running a few seconds after its first epoch, and done within a minute or two.
+MEDIUM = {**TINY, "epochs": 16, "batch_size": 16, "limit_train": None, "limit_test": 128}
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return {"LABCTL_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+            "LABCTL_DATA_DIR": str(tmp_path / "data"),
+            "LABCTL_HEARTBEAT_SECONDS": "0.3", "LABCTL_HEARTBEAT_TIMEOUT_SECONDS": "3", **extra}
+
+
+def submit(server, records: JobRecords, values: dict) -> str:
+    return submit_job(build_spec(values), records=records, app=make_app(server.url))
+
+
+def wait_end(records: JobRecords, job_id: str, timeout: float = 180) -> dict:
+    wait_for(lambda: records.state(job_id) in TERMINAL_STATES, timeout, interval=0.1,
+             what=f"job {job_id} to end")
+    return records.get(job_id)
+
+
+def epochs_in(store: ArtifactStore, job_id: str) -> list[int]:
+    return [row["epoch"] for row in store.job(job_id).read_metrics()]
+
+
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of ``pid`` (R, S, Z...), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def gone(pid: int) -> bool:
+    return process_state(pid) in (None, "Z", "X")  # a zombie runs nothing
+
+
+def children_of(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(entry.name))
+    return found
+
+
+def queued_messages(server, queue: str = "cpu") -> int:
+    client = server.client()
+    return sum(client.llen(queue if not step else f"{queue}{PRIORITY_SEP}{step}")
+               for step in PRIORITY_STEPS)
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+
+
+# --- item 2: no orphans, no claim while stopping --------------------------------------
+
+
+@linux_only
+def test_children_die_with_a_killed_supervisor_and_the_lease_recovers_their_job(
+        redis_server, tmp_path):
+    env = env_for(tmp_path)
+    records = JobRecords.from_url(redis_server.url)
+    store = ArtifactStore(env["LABCTL_ARTIFACTS_DIR"])
+    group = WorkerProcess(redis_server.url, tmp_path / "group.log", name="group", queues="cpu",
+                          env=env, extra_args=["--concurrency", "2"]).start()
+    children: list[int] = []
+    rescuer = WorkerProcess(redis_server.url, tmp_path / "rescuer.log", name="rescuer",
+                            queues="cpu", env=env)
+    try:
+        wait_for(lambda: group.log_text().count(" ready.") == 2, 120, interval=0.2,
+                 what="both child workers")
+        children = children_of(group.pid)
+        assert len(children) == 2
+        job_id = submit(redis_server, records, MEDIUM)
+        wait_for(lambda: (records.get(job_id)["epoch"] or 0) >= 1, 120, interval=0.02,
+                 what="the first epoch on a child")
+        os.kill(group.pid, signal.SIGKILL)
+        group.process.wait()
+
+        wait_for(lambda: all(gone(pid) for pid in children), 30, interval=0.1,
+                 what="the children to die with their supervisor")
+        assert records.get(job_id)["state"] == "running"  # nobody has told Redis yet
+        rescuer.start().wait_ready()
+        record = wait_end(records, job_id)
+    finally:
+        for pid in children:  # started by the supervisor for this test, and only they
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        stop_all([group, rescuer])
+    assert record["state"] == "succeeded", record["error"]
+    assert record["attempts"] == 2 and record["worker"] == rescuer.hostname
+    assert epochs_in(store, job_id) == list(range(1, MEDIUM["epochs"] + 1))
+
+
+@linux_only
+def test_a_child_whose_supervisor_is_already_gone_exits_at_once(tmp_path):
+    """The race the parent-death signal alone leaves open: the supervisor dies between
+    starting a child and the child arming the signal."""
+    env = {**os.environ, **env_for(tmp_path), "LABCTL_SUPERVISOR_PID": "999999999",
+           "LABCTL_REDIS_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run([sys.executable, "-m", "labctl.cli.main", "worker"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def message_popped_for_a_frozen_worker(server, records: JobRecords,
+                                       worker: WorkerProcess) -> str:
+    """Freeze ``worker`` while it waits on Redis for a message, and submit a job: Redis
+    pops the message for that pending read, which the worker sees only once it runs again.
+    Frozen between two reads, it would leave the message queued: let that job run, retry."""
+    for _ in range(10):
+        os.kill(worker.pid, signal.SIGSTOP)
+        job_id = submit(server, records, TINY)
+        try:
+            wait_for(lambda: queued_messages(server) == 0, 3, interval=0.05,
+                     what="a pending read to take the message")
+            return job_id
+        except TimeoutError:
+            os.kill(worker.pid, signal.SIGCONT)
+            wait_end(records, job_id)
+    raise AssertionError("the worker never had a read pending when frozen")
+
+
+def test_a_worker_told_to_stop_claims_no_new_job(redis_server, tmp_path):
+    """SIGTERM reaching a worker at the moment a message reaches it (with --concurrency 2
+    this was the job the other child had just handed back): the job keeps its attempt and
+    its message goes back to the queue for a worker that stays."""
+    env = env_for(tmp_path)
+    records = JobRecords.from_url(redis_server.url)
+    stopping = WorkerProcess(redis_server.url, tmp_path / "stopping.log", name="stopping",
+                             queues="cpu", env=env)
+    staying = WorkerProcess(redis_server.url, tmp_path / "staying.log", name="staying",
+                            queues="cpu", env=env)
+    try:
+        stopping.start().wait_ready()
+        job_id = message_popped_for_a_frozen_worker(redis_server, records, stopping)
+        os.kill(stopping.pid, signal.SIGTERM)
+        os.kill(stopping.pid, signal.SIGCONT)
+        assert stopping.process.wait(60) == 0
+        record = records.get(job_id)
+        assert (record["state"], record["attempts"]) == ("queued", 1)
+        # Put back by the task ("not claimed: this worker is shutting down") or, when the
+        # consumer was cancelled first, by kombu: either way once, as attempt 1.
+        assert queued_messages(redis_server) == 1
+
+        staying.start().wait_ready()
+        record = wait_end(records, job_id)
+    finally:
+        stop_all([stopping, staying])
+    assert (record["state"], record["attempts"], record["worker"]) == \
+        ("succeeded", 1, staying.hostname)
