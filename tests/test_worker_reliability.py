@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from labctl.cli.main import cli
 from labctl.shared.artifacts import ArtifactStore
 from labctl.shared.celery_config import PRIORITY_SEP, PRIORITY_STEPS
 from labctl.shared.jobstate import TERMINAL_STATES
@@ -183,3 +185,49 @@ def test_a_worker_told_to_stop_claims_no_new_job(redis_server, tmp_path):
         stop_all([stopping, staying])
     assert (record["state"], record["attempts"], record["worker"]) == \
         ("succeeded", 1, staying.hostname)
+
+
+# --- item 6: saying what happened ------------------------------------------------------
+
+
+def labctl(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, *args: str):
+    from labctl.shared.settings import get_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def lines_about(log: str, job_id: str) -> list[str]:
+    return [line for line in log.splitlines() if job_id in line]
+
+
+@pytest.mark.parametrize("data_dir", [True, False], ids=["bad-data", "no-data-root"])
+def test_an_expected_failure_is_one_line_in_the_worker_log_and_once_in_follow(
+        redis_server, tmp_path, monkeypatch, data_dir):
+    env = env_for(tmp_path)
+    if not data_dir:
+        del env["LABCTL_DATA_DIR"]  # the worker reads no dataset files at all
+    worker = WorkerProcess(redis_server.url, tmp_path / "w.log", name="w", queues="cpu",
+                           env=env)
+    try:
+        worker.start().wait_ready()
+        result = labctl({**env, "LABCTL_REDIS_URL": redis_server.url}, monkeypatch,
+                        "submit", "--model", "numpy-cnn", "--dataset", "mnist",
+                        "--epochs", "1", "--follow")
+        job_id = result.stdout.splitlines()[0]
+        error = JobRecords.from_url(redis_server.url).get(job_id)["error"]
+        wait_for(lambda: "failed" in "".join(lines_about(worker.log_text(), job_id)), 30,
+                 what="the worker's line about the failure")
+    finally:
+        stop_all([worker])
+    assert result.exit_code == 1
+    assert ("expected train-images-idx3-ubyte" if data_dir else "no LABCTL_DATA_DIR") in error
+    assert result.stderr.count(error) == 1, result.stderr
+    assert result.stderr.strip().endswith(f"labctl: job {job_id} failed")
+    log = worker.log_text()
+    assert [line for line in lines_about(log, job_id) if "failed" in line] == [
+        line for line in lines_about(log, job_id) if error in line]
+    assert len([line for line in lines_about(log, job_id) if error in line]) == 1
+    assert "Traceback" not in log and "Reject" not in log

@@ -104,7 +104,7 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         lifecycle.ended(records, job_id, owner, JobState.FAILED, error=error)
         records.append_log(job_id, f"failed: {error}")
         # The user's mistake, not the worker's: one line, no traceback, the message acked.
-        log.error("job %s attempt %d failed: %s", job_id, attempt, error)
+        log.warning("job %s attempt %d failed: %s", job_id, attempt, error)
         return {"job_id": job_id, "attempt": attempt, "state": JobState.FAILED}
 
     return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
@@ -151,8 +151,10 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
     finally:
         heartbeat.stop()
         heartbeat.join(timeout=5)
-    log.info("job %s attempt %d %s%s", job_id, attempt, outcome.state,
-             f": {outcome.error}" if outcome.error else "")
+    # A job that failed is the job's news, not the worker's: a warning, never a traceback.
+    log.log(logging.WARNING if outcome.state == JobState.FAILED else logging.INFO,
+            "job %s attempt %d %s%s", job_id, attempt, outcome.state,
+            f": {outcome.error}" if outcome.error else "")
     return {"job_id": job_id, "attempt": attempt, "state": outcome.state}
 
 
