@@ -2,7 +2,8 @@
 
 ``--concurrency N`` starts N solo workers as child processes rather than one prefork pool:
 each job then owns a whole process (one per GPU, no CUDA in a forking parent, metrics in the
-process that trains). Child i is named ``<name>i@host`` and serves metrics on ``P+i``; this
+process that trains). Child i is named ``<name>i@host`` (``labctl-<pid>-i@host`` by
+default: see ``cli/worker_names.py``) and serves metrics on ``P+i``; this
 process forwards SIGINT/SIGTERM/SIGQUIT to them and restarts a child that dies unexpectedly
 (its job, if any, is requeued by the reapers). A child dies with this process, even when
 it is SIGKILLed (``cli/parent_watch.py``).
@@ -22,6 +23,8 @@ import click
 
 from labctl.cli.errors import BadSpec, BrokerUnavailable
 from labctl.cli.parent_watch import SUPERVISOR_PID_ENV, die_with_supervisor
+from labctl.cli.worker_names import DEFAULT_NAME, expand, reserve
+from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
 
 QUEUE_NAMES = ("cpu", "gpu")
@@ -49,8 +52,9 @@ def parse_queues(value: str) -> str:
                    "[$LABCTL_METRICS_PORT]")
 @click.option("--loglevel", "-l", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.option("--hostname", "-n", default="labctl@%h", show_default=True,
-              help="node name (%h: this host); must be unique among running workers")
+@click.option("--hostname", "-n", default=DEFAULT_NAME, show_default=True,
+              help="node name (%h: this host, %p: this process' id); a name another "
+                   "running worker has is refused")
 def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: str,
            hostname: str) -> None:
     """Run a worker in the foreground until Ctrl-C / SIGTERM.
@@ -59,15 +63,25 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
     resumes from its last epoch checkpoint on the next free worker.
     """
     die_with_supervisor()
+    # The supervisor's pid names its children (labctl-<pid>-1@host...); a worker its own.
+    hostname = hostname.replace("%p", str(os.getpid()))
     if metrics_port is None:
         metrics_port = get_settings().metrics_port
     if metrics_port:  # 0 picks free ports; None serves none
         for port in range(metrics_port, metrics_port + concurrency):
             check_port_free(port)
-    check_broker()
+    records = check_broker()
     if concurrency == 1:
+        hostname = expand(hostname)
+        if records is not None:  # an unreachable Redis is waited for by Celery
+            try:
+                reserve(records, hostname, queues.split(","))
+            finally:
+                records.client.close()
         run_solo_worker(queues, metrics_port, loglevel, hostname)
     else:
+        if records is not None:  # each child reserves its own name
+            records.client.close()
         sys.exit(supervise(queues, concurrency, metrics_port, loglevel, hostname))
 
 
@@ -82,11 +96,12 @@ def check_port_free(port: int) -> None:
             raise BadSpec(f"--metrics-port {port}: {exc.strerror or exc}") from None
 
 
-def check_broker() -> None:
+def check_broker() -> JobRecords | None:
     """Exit 69 with one line when Redis answers but refuses this worker: its TLS certificate
     (wrong CA, a host name it does not list) or our credentials. Celery would retry those
     forever, one error every few seconds, and they never fix themselves. An unreachable or
-    still-loading Redis is left to Celery, which waits for it (Redis may start later)."""
+    still-loading Redis is left to Celery, which waits for it (Redis may start later).
+    Returns the records client (None: unreachable for now)."""
     from labctl.cli.broker import BrokerRefused, open_records
 
     try:
@@ -94,8 +109,8 @@ def check_broker() -> None:
     except BrokerRefused:
         raise
     except BrokerUnavailable:
-        return
-    records.client.close()
+        return None
+    return records
 
 
 def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
@@ -125,8 +140,10 @@ def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
 
 
 def child_name(hostname: str, index: int) -> str:
+    """``w@h`` -> ``w1@h``; a name ending in a digit gets a dash: ``labctl-812-1@h``."""
     name, _, host = hostname.partition("@")
-    return f"{name}{index}@{host or '%h'}"
+    dash = "-" if name[-1:].isdigit() else ""
+    return f"{name}{dash}{index}@{host or '%h'}"
 
 
 def child_command(queues: str, metrics_port: int | None, loglevel: str, hostname: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,46 @@ def test_an_expected_failure_is_one_line_in_the_worker_log_and_once_in_follow(
         line for line in lines_about(log, job_id) if error in line]
     assert len([line for line in lines_about(log, job_id) if error in line]) == 1
     assert "Traceback" not in log and "Reject" not in log
+
+
+def test_two_workers_on_one_host_get_distinct_names_by_default(redis_server, tmp_path):
+    env = env_for(tmp_path)
+    records = JobRecords.from_url(redis_server.url)
+    default = ["--hostname", "labctl-%p@%h"]  # the default, past the helper's own --hostname
+    workers = [WorkerProcess(redis_server.url, tmp_path / f"d{i}.log", name=f"d{i}",
+                             queues="cpu", env=env, extra_args=default) for i in (1, 2)]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.wait_ready()
+        wait_for(lambda: len(records.live_workers()) == 2, 30, what="both announcements")
+        names = {w["name"]: w["pid"] for w in records.live_workers()}
+    finally:
+        stop_all(workers)
+    host = socket.gethostname()
+    assert names == {f"labctl-{w.pid}@{host}": w.pid for w in workers}
+
+
+def test_a_name_a_running_worker_has_is_refused_and_a_dead_ones_is_free(redis_server,
+                                                                       tmp_path):
+    env = env_for(tmp_path)
+    first = WorkerProcess(redis_server.url, tmp_path / "first.log", name="dup", queues="cpu",
+                          env=env)
+    second = WorkerProcess(redis_server.url, tmp_path / "second.log", name="dup",
+                           queues="cpu", env=env)
+    third = WorkerProcess(redis_server.url, tmp_path / "third.log", name="dup", queues="cpu",
+                          env=env)
+    try:
+        first.start().wait_ready()
+        assert second.start().process.wait(60) == 4
+        assert second.log_text().strip().splitlines() == [
+            f"labctl: worker name {first.hostname} is taken by a running worker (pid "
+            f"{first.pid} on {socket.gethostname()}); give this one another: --hostname "
+            "NAME@%h (or leave it out: the default labctl-%p@%h is unique on a host)"]
+        first.kill()
+        # Its entry outlives it (until its ttl, seconds): as if it had just died.
+        assert redis_server.client().pexpire(f"labctl:worker:{first.hostname}", 60_000)
+        third.start().wait_ready()
+    finally:
+        stop_all([first, second, third])
