@@ -21,11 +21,12 @@ import time
 
 import click
 
-from labctl.cli.errors import BadSpec, BrokerUnavailable
+from labctl.cli.errors import BadSpec, BrokerUnavailable, StoreUnwritable
 from labctl.cli.parent_watch import SUPERVISOR_PID_ENV, die_with_supervisor
 from labctl.cli.worker_names import DEFAULT_NAME, expand, reserve
 from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
+from labctl.shared.store_check import store_problem
 
 QUEUE_NAMES = ("cpu", "gpu")
 #: A child that dies sooner than this after starting is broken, not unlucky: don't loop.
@@ -65,6 +66,7 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
     die_with_supervisor()
     # The supervisor's pid names its children (labctl-<pid>-1@host...); a worker its own.
     hostname = hostname.replace("%p", str(os.getpid()))
+    check_artifacts_dir()
     if metrics_port is None:
         metrics_port = get_settings().metrics_port
     if metrics_port:  # 0 picks free ports; None serves none
@@ -94,6 +96,15 @@ def check_port_free(port: int) -> None:
             probe.bind(("0.0.0.0", port))
         except OSError as exc:
             raise BadSpec(f"--metrics-port {port}: {exc.strerror or exc}") from None
+
+
+def check_artifacts_dir() -> None:
+    """Exit 73 with one line, before taking any job, if job folders cannot be written."""
+    root = get_settings().artifacts_dir
+    problem = store_problem(root)
+    if problem:
+        raise StoreUnwritable(f"the artifacts directory {root} {problem}; this worker takes "
+                              "no jobs (LABCTL_ARTIFACTS_DIR)")
 
 
 def check_broker() -> JobRecords | None:

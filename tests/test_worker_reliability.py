@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -275,3 +277,84 @@ def test_a_name_a_running_worker_has_is_refused_and_a_dead_ones_is_free(redis_se
         third.start().wait_ready()
     finally:
         stop_all([first, second, third])
+
+
+# --- item 5: a worker that cannot work -------------------------------------------------
+
+
+@contextmanager
+def tmpfs(path: Path, *options: str) -> Iterator[Path]:
+    """A small filesystem of its own at ``path`` (needs the right to mount: root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs",
+                            str(path)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextmanager
+def read_only_dir(path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:  # the mode bits stop anyone but root
+        path.mkdir(parents=True)
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    with tmpfs(path, "ro", "size=1g") as mounted:  # room enough: only read-only
+        yield mounted
+
+
+@contextmanager
+def full_dir(path: Path) -> Iterator[Path]:
+    with tmpfs(path, "size=2m") as mounted:
+        with open(mounted / "filler", "wb") as filler:
+            try:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+            except OSError:  # ENOSPC: full
+                pass
+        yield mounted
+
+
+def worker_refusal(redis_server, tmp_path: Path, artifacts: Path) -> tuple[int, str, dict]:
+    env = {**env_for(tmp_path), "LABCTL_ARTIFACTS_DIR": str(artifacts)}
+    records = JobRecords.from_url(redis_server.url)
+    job_id = submit(redis_server, records, TINY)
+    worker = WorkerProcess(redis_server.url, tmp_path / "w.log", name="w", queues="cpu",
+                           env=env).start()
+    try:
+        code = worker.process.wait(60)
+    finally:
+        worker.stop()
+    return code, worker.log_text(), records.get(job_id)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["the-dir", "a-dir-to-create-in-it"])
+def test_a_worker_with_a_read_only_artifacts_dir_says_so_and_takes_no_job(redis_server,
+                                                                          tmp_path, inside):
+    with read_only_dir(tmp_path / "ro") as read_only:
+        artifacts = read_only / "store" if inside else read_only
+        code, log, record = worker_refusal(redis_server, tmp_path, artifacts)
+    reason = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+    problem = f"cannot be created: {reason}" if inside else f"is not writable: {reason}"
+    assert code == 73
+    assert log.splitlines() == [f"labctl: the artifacts directory {artifacts} {problem}; "
+                                "this worker takes no jobs (LABCTL_ARTIFACTS_DIR)"]
+    assert (record["state"], record["attempts"]) == ("queued", 1)
+
+
+def test_a_worker_with_a_full_artifacts_dir_says_so_and_takes_no_job(redis_server, tmp_path):
+    with full_dir(tmp_path / "full") as artifacts:
+        code, log, record = worker_refusal(redis_server, tmp_path, artifacts)
+    assert code == 73
+    assert log.splitlines() == [
+        f"labctl: the artifacts directory {artifacts} is full: 0.0 MiB free, a worker needs "
+        "at least 64 MiB; this worker takes no jobs (LABCTL_ARTIFACTS_DIR)"]
+    assert (record["state"], record["attempts"]) == ("queued", 1)
