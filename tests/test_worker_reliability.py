@@ -358,3 +358,26 @@ def test_a_worker_with_a_full_artifacts_dir_says_so_and_takes_no_job(redis_serve
         f"labctl: the artifacts directory {artifacts} is full: 0.0 MiB free, a worker needs "
         "at least 64 MiB; this worker takes no jobs (LABCTL_ARTIFACTS_DIR)"]
     assert (record["state"], record["attempts"]) == ("queued", 1)
+
+
+def test_a_job_whose_dataset_cannot_fit_in_memory_is_refused_before_loading(redis_server,
+                                                                            tmp_path):
+    env = env_for(tmp_path)
+    records = JobRecords.from_url(redis_server.url)
+    worker = WorkerProcess(redis_server.url, tmp_path / "w.log", name="w", queues="cpu",
+                           env=env)
+    try:
+        worker.start().wait_ready()
+        huge = submit(redis_server, records, {**TINY, "dataset": "synthetic",
+                                              "image_size": 1024, "limit_train": 10_000_000})
+        record = wait_end(records, huge, 60)
+        # The worker is fine and takes the next job.
+        assert wait_end(records, submit(redis_server, records, TINY))["state"] == "succeeded"
+    finally:
+        stop_all([worker])
+    assert record["state"] == "failed"
+    assert record["error"].startswith("dataset synthetic at 1024 px needs about 117,188.2 GiB "
+                                      "of memory (10,000,000 train + 64 test images")
+    assert [line for line in worker.log_text().splitlines() if huge in line and "failed" in
+            line] == [line for line in worker.log_text().splitlines() if record["error"] in line]
+    assert "Traceback" not in worker.log_text()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from labctl.worker.data.cache import cache_dir_for, decode_images
+from labctl.worker.data.memory import check_fits
 from labctl.worker.data.samples import ImageSamples, ImageSource
 from labctl.worker.data.subset import TEST_STREAM, TRAIN_STREAM
 from labctl.worker.data.transforms import centre_crop, imagenet_normalise
@@ -55,5 +56,6 @@ def decode_split(samples: ImageSamples, size: int, source: ImageSource) -> Array
 def load_image_arrays(spec: JobSpec) -> ArrayDataset:
     source = load_image_source(spec)
     size = spec.effective_image_size
+    check_fits(spec.dataset, len(source.train), len(source.test), 3, size)
     return ArrayDataset(decode_split(source.train, size, source),
                         decode_split(source.test, size, source), source.class_names)
