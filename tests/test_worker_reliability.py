@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from labctl.cli.main import cli
+from labctl.cli.worker_cmd import worker as worker_command
 from labctl.shared.artifacts import ArtifactStore
 from labctl.shared.celery_config import PRIORITY_SEP, PRIORITY_STEPS
 from labctl.shared.jobstate import TERMINAL_STATES
@@ -190,6 +191,28 @@ def test_a_worker_told_to_stop_claims_no_new_job(redis_server, tmp_path):
         ("succeeded", 1, staying.hostname)
 
 
+def test_one_sigterm_of_a_group_costs_its_running_job_one_attempt(redis_server, tmp_path):
+    """The report: SIGTERM to `--concurrency 2` took a job from attempt 1 to 3 (one child
+    handed it back, the other, stopping too, claimed it and handed it back again)."""
+    env = env_for(tmp_path)
+    records = JobRecords.from_url(redis_server.url)
+    group = WorkerProcess(redis_server.url, tmp_path / "group.log", name="group", queues="cpu",
+                          env=env, extra_args=["--concurrency", "2"]).start()
+    try:
+        wait_for(lambda: group.log_text().count(" ready.") == 2, 120, interval=0.2,
+                 what="both child workers")
+        job_id = submit(redis_server, records, MEDIUM)
+        wait_for(lambda: (records.get(job_id)["epoch"] or 0) >= 1, 120, interval=0.02,
+                 what="the first epoch on a child")
+        group.process.terminate()
+        assert group.process.wait(60) == 0
+    finally:
+        stop_all([group])
+    record = records.get(job_id)
+    assert (record["state"], record["attempts"]) == ("queued", 2)
+    assert queued_messages(redis_server) == 1
+
+
 # --- item 6: saying what happened ------------------------------------------------------
 
 
@@ -253,6 +276,8 @@ def test_two_workers_on_one_host_get_distinct_names_by_default(redis_server, tmp
         stop_all(workers)
     host = socket.gethostname()
     assert names == {f"labctl-{w.pid}@{host}": w.pid for w in workers}
+    assert next(option.default for option in worker_command.params
+                if option.name == "hostname") == "labctl-%p@%h"
 
 
 def test_a_name_a_running_worker_has_is_refused_and_a_dead_ones_is_free(redis_server,

@@ -120,12 +120,14 @@ def _put_back(records: JobRecords, job_id: str, spec_values: dict[str, Any],
 
     try:
         record = records.get(job_id)
-        if record and record.get("state") == JobState.QUEUED and record.get("attempts") == attempt:
+        waiting = (record is not None and record.get("state") == JobState.QUEUED
+                   and record.get("attempts") == attempt)
+        if waiting:
             enqueue(job_id, spec_values, attempt=attempt, queue=record["queue"], app=app)
     except Exception as exc:  # not sent: the broker keeps this message instead
         raise Reject(f"worker shutting down; message not re-sent: {exc}", requeue=True) from None
-    log.info("job %s attempt %d not claimed: this worker is shutting down; put back in the "
-             "queue", job_id, attempt)
+    log.info("job %s attempt %d not claimed: this worker is shutting down%s", job_id, attempt,
+             "; put back in the queue" if waiting else " (and the job waits for no message)")
     return {"job_id": job_id, "attempt": attempt, "skipped": "worker shutting down"}
 
 
