@@ -406,3 +406,24 @@ def test_a_job_whose_dataset_cannot_fit_in_memory_is_refused_before_loading(redi
     assert [line for line in worker.log_text().splitlines() if huge in line and "failed" in
             line] == [line for line in worker.log_text().splitlines() if record["error"] in line]
     assert "Traceback" not in worker.log_text()
+
+
+def test_a_malformed_task_message_is_one_line_too(redis_server, tmp_path):
+    from labctl.shared.celery_config import TASK_NAME
+
+    worker = WorkerProcess(redis_server.url, tmp_path / "w.log", name="w", queues="cpu",
+                           env=env_for(tmp_path))
+    try:
+        worker.start().wait_ready()
+        make_app(redis_server.url).send_task(TASK_NAME, args=["../../etc", {}, 1],
+                                             queue="cpu", task_id="bad-args")
+        wait_for(lambda: "rejected malformed message bad-args" in worker.log_text(), 30,
+                 what="the worker's line about it")
+        wait_for(lambda: redis_server.client().hlen("unacked") == 0, 30, what="the ack")
+    finally:
+        stop_all([worker])
+    log = worker.log_text()
+    assert [line for line in log.splitlines() if "bad-args" in line][-1].endswith(
+        "rejected malformed message bad-args: invalid job id '../../etc' (expected "
+        "YYYYMMDD-HHMMSS-xxxxxx)")
+    assert "Traceback" not in log and "Reject" not in log

@@ -45,8 +45,9 @@ def run_job_task(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
     try:
         job_id, spec_values, attempt = parse_message(args, kwargs)
     except MalformedMessage as exc:
+        # Logged once here and acked: a Reject would add Celery's traceback of this frame.
         log.error("rejected malformed message %s: %s", self.request.id, exc)
-        raise Reject(str(exc), requeue=False) from None
+        return {"rejected": str(exc)}
     return execute(job_id, spec_values, attempt, hostname=self.request.hostname or "worker")
 
 
