@@ -15,6 +15,7 @@ EXIT_USAGE = 2            # bad spec, bad flag, bad file or image (Click's own u
 EXIT_NOT_FOUND = 3        # no such job or sweep
 EXIT_BUSY = 4             # the job is held by a worker or another process
 EXIT_UNAVAILABLE = 69     # broker / Redis unreachable (sysexits EX_UNAVAILABLE)
+EXIT_CANT_WRITE = 73      # a worker's artefacts directory is unwritable or full (EX_CANTCREAT)
 EXIT_INTERRUPTED = 130    # Ctrl-C (or SIGTERM to `labctl run`)
 
 EXIT_CODES = {
@@ -26,6 +27,7 @@ EXIT_CODES = {
     EXIT_BUSY: "the job is queued or running elsewhere (a worker, another local run), or "
                "not finished yet for predict",
     EXIT_UNAVAILABLE: "Redis (the broker) is unreachable",
+    EXIT_CANT_WRITE: "a worker's artefacts directory is unwritable or full",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C, or SIGTERM to run)",
 }
 
@@ -56,6 +58,10 @@ class JobBusy(LabctlError):
 
 class BrokerUnavailable(LabctlError):
     exit_code = EXIT_UNAVAILABLE
+
+
+class StoreUnwritable(LabctlError):
+    exit_code = EXIT_CANT_WRITE
 
 
 class JobFailed(LabctlError):

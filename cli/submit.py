@@ -38,9 +38,12 @@ def submit(spec_values: dict, wait: bool, follow: bool, as_json: bool) -> None:
             click.echo(json.dumps(record, indent=2, sort_keys=True))
         return
 
+    shown: list[str] = []
+
     def show(line: str) -> None:
         if follow:  # progress, so stderr: stdout stays the job id
             click.echo(line, err=True)
+            shown.append(line)
 
     try:
         state = follow_log(records, job_id, show, queue=record["queue"],
@@ -53,7 +56,10 @@ def submit(spec_values: dict, wait: bool, follow: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(record, indent=2, sort_keys=True))
     if state != "succeeded":
-        raise JobFailed(f"job {job_id} {state}: {record.get('error')}")
+        error = record.get("error")
+        # The log's last line already said why ("failed: <error>"): say it once.
+        told = bool(error) and any(str(error) in line for line in shown[-3:])
+        raise JobFailed(f"job {job_id} {state}" + ("" if told else f": {error}"))
     final = (record.get("summary") or {}).get("final") or {}
     acc = f": test accuracy {final['test_accuracy']:.4f}" if "test_accuracy" in final else ""
     click.echo(f"job {job_id} succeeded{acc}; artifacts in {record.get('artifacts')}", err=True)

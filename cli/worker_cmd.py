@@ -3,9 +3,11 @@ Celery's threads pool (the main thread serves remote control and events meanwhil
 
 ``--concurrency N`` starts N such workers as child processes rather than one prefork pool:
 each job then owns a whole process (one per GPU, no CUDA in a forking parent, metrics in the
-process that trains). Child i is named ``<name>i@host`` and serves metrics on ``P+i``; this
+process that trains). Child i is named ``<name>i@host`` (``labctl-<pid>-i@host`` by
+default: see ``cli/worker_names.py``) and serves metrics on ``P+i``; this
 process forwards SIGINT/SIGTERM/SIGQUIT to them and restarts a child that dies unexpectedly
-(its job, if any, is requeued by the reapers).
+(its job, if any, is requeued by the reapers). A child dies with this process, even when
+it is SIGKILLed (``cli/parent_watch.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ import time
 
 import click
 
-from labctl.cli.errors import BadSpec, BrokerUnavailable
+from labctl.cli.errors import BadSpec, BrokerUnavailable, StoreUnwritable
+from labctl.cli.parent_watch import SUPERVISOR_PID_ENV, die_with_supervisor
+from labctl.cli.worker_names import DEFAULT_NAME, expand, reserve
+from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
+from labctl.shared.store_check import store_problem
 
 QUEUE_NAMES = ("cpu", "gpu")
 #: A child that dies sooner than this after starting is broken, not unlucky: don't loop.
@@ -48,8 +54,9 @@ def parse_queues(value: str) -> str:
                    "[$LABCTL_METRICS_PORT]")
 @click.option("--loglevel", "-l", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.option("--hostname", "-n", default="labctl@%h", show_default=True,
-              help="node name (%h: this host); must be unique among running workers")
+@click.option("--hostname", "-n", default=DEFAULT_NAME, show_default=True,
+              help="node name (%h: this host, %p: this process' id); a name another "
+                   "running worker has is refused")
 def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: str,
            hostname: str) -> None:
     """Run a worker in the foreground until Ctrl-C / SIGTERM.
@@ -57,15 +64,27 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
     On SIGTERM the running job stops at its next batch and goes back to the queue; it
     resumes from its last epoch checkpoint on the next free worker.
     """
+    die_with_supervisor()
+    # The supervisor's pid names its children (labctl-<pid>-1@host...); a worker its own.
+    hostname = hostname.replace("%p", str(os.getpid()))
+    check_artifacts_dir()
     if metrics_port is None:
         metrics_port = get_settings().metrics_port
     if metrics_port:  # 0 picks free ports; None serves none
         for port in range(metrics_port, metrics_port + concurrency):
             check_port_free(port)
-    check_broker()
+    records = check_broker()
     if concurrency == 1:
+        hostname = expand(hostname)
+        if records is not None:  # an unreachable Redis is waited for by Celery
+            try:
+                reserve(records, hostname, queues.split(","))
+            finally:
+                records.client.close()
         run_solo_worker(queues, metrics_port, loglevel, hostname)
     else:
+        if records is not None:  # each child reserves its own name
+            records.client.close()
         sys.exit(supervise(queues, concurrency, metrics_port, loglevel, hostname))
 
 
@@ -80,11 +99,21 @@ def check_port_free(port: int) -> None:
             raise BadSpec(f"--metrics-port {port}: {exc.strerror or exc}") from None
 
 
-def check_broker() -> None:
+def check_artifacts_dir() -> None:
+    """Exit 73 with one line, before taking any job, if job folders cannot be written."""
+    root = get_settings().artifacts_dir
+    problem = store_problem(root)
+    if problem:
+        raise StoreUnwritable(f"the artifacts directory {root} {problem}; this worker takes "
+                              "no jobs (LABCTL_ARTIFACTS_DIR)")
+
+
+def check_broker() -> JobRecords | None:
     """Exit 69 with one line when Redis answers but refuses this worker: its TLS certificate
     (wrong CA, a host name it does not list) or our credentials. Celery would retry those
     forever, one error every few seconds, and they never fix themselves. An unreachable or
-    still-loading Redis is left to Celery, which waits for it (Redis may start later)."""
+    still-loading Redis is left to Celery, which waits for it (Redis may start later).
+    Returns the records client (None: unreachable for now)."""
     from labctl.cli.broker import BrokerRefused, open_records
 
     try:
@@ -92,8 +121,8 @@ def check_broker() -> None:
     except BrokerRefused:
         raise
     except BrokerUnavailable:
-        return
-    records.client.close()
+        return None
+    return records
 
 
 def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
@@ -126,8 +155,10 @@ def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
 
 
 def child_name(hostname: str, index: int) -> str:
+    """``w@h`` -> ``w1@h``; a name ending in a digit gets a dash: ``labctl-812-1@h``."""
     name, _, host = hostname.partition("@")
-    return f"{name}{index}@{host or '%h'}"
+    dash = "-" if name[-1:].isdigit() else ""
+    return f"{name}{dash}{index}@{host or '%h'}"
 
 
 def child_command(queues: str, metrics_port: int | None, loglevel: str, hostname: str,
@@ -151,7 +182,9 @@ def supervise(queues: str, concurrency: int, metrics_port: int | None, loglevel:
     def start(index: int) -> None:
         # Own session: a terminal's Ctrl-C reaches this process only, which forwards it
         # once (a second SIGINT would make Celery cold-stop the child mid-batch).
-        children[index] = (subprocess.Popen(commands[index - 1], start_new_session=True),
+        children[index] = (subprocess.Popen(commands[index - 1], start_new_session=True,
+                                            env={**os.environ,
+                                                 SUPERVISOR_PID_ENV: str(os.getpid())}),
                            time.monotonic())
 
     def forward(signum: int, _frame: object) -> None:

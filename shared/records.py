@@ -25,6 +25,8 @@ This module never imports torch or Celery: the CLI reads records without paying 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -255,6 +257,26 @@ return 1
 """
 
 
+# KEYS: the worker's key. ARGV: its entry (JSON), ttl ms, the dead holder's entry or ''.
+# Returns nothing if the name is now ours, else the entry of the worker that holds it.
+_RESERVE_WORKER = """
+local held = redis.call('GET', KEYS[1])
+if held and (ARGV[3] == '' or cjson.decode(held).pid ~= cjson.decode(ARGV[3]).pid
+             or cjson.decode(held).host ~= cjson.decode(ARGV[3]).host) then
+  return held
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+
+def _worker_entry(name: str, queues: Iterable[str]) -> str:
+    """A worker's presence: its name, queues, and where it runs (host and pid), so a
+    worker starting under a taken name can tell a live holder from a dead one."""
+    return json.dumps({"name": name, "queues": sorted(queues), "seen_at": utc_now(),
+                       "host": socket.gethostname(), "pid": os.getpid()})
+
+
 def initial_record(job_id: str, spec: JobSpec, queue: str) -> JobRecord:
     """A job's record before its first attempt."""
     return {
@@ -274,6 +296,7 @@ class JobRecords:
     def __init__(self, client: redis.Redis):
         self.client = client
         self._claim = client.register_script(_CLAIM)
+        self._reserve_worker = client.register_script(_RESERVE_WORKER)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._update_owned = client.register_script(_UPDATE_OWNED)
         self._requeue = client.register_script(_REQUEUE)
@@ -403,11 +426,21 @@ class JobRecords:
     # --- workers ------------------------------------------------------------------------
 
     def announce_worker(self, name: str, queues: Iterable[str], ttl_seconds: float) -> None:
-        """``name`` takes jobs from ``queues``; it says so again before ``ttl_seconds``."""
-        self.client.set(f"{WORKER_KEY_PREFIX}{name}",
-                        json.dumps({"name": name, "queues": sorted(queues),
-                                    "seen_at": utc_now()}),
+        """``name`` (this process) takes jobs from ``queues``; it says so again before
+        ``ttl_seconds``."""
+        self.client.set(f"{WORKER_KEY_PREFIX}{name}", _worker_entry(name, queues),
                         px=int(ttl_seconds * 1000))
+
+    def reserve_worker_name(self, name: str, queues: Iterable[str], ttl_seconds: float, *,
+                            replacing: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Take ``name`` for this process, atomically: None if it is ours now, else the
+        live worker that holds it. ``replacing``: a holder known to be dead, whose entry
+        may be overwritten (and only that entry: a worker starting meanwhile keeps its)."""
+        held = self._reserve_worker(
+            keys=[f"{WORKER_KEY_PREFIX}{name}"],
+            args=[_worker_entry(name, queues), int(ttl_seconds * 1000),
+                  json.dumps(replacing) if replacing is not None else ""])
+        return json.loads(held) if held else None
 
     def live_workers(self) -> list[dict[str, Any]]:
         """The workers that announced themselves within their ttl."""

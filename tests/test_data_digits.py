@@ -122,3 +122,51 @@ def test_resize_images_matches_pil_bilinear(h, size):
         (size, size), Image.Resampling.BILINEAR)) for c in range(3)] for i in range(2)])
     assert ours.shape == (2, 3, size, size) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, pil, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,size", [((40, 1, 8, 8), 8), ((40, 1, 8, 8), 5),
+                                        ((40, 1, 8, 8), 64), ((6, 3, 7, 9), 13)])
+def test_resized_moments_are_those_of_the_resized_images(shape, size):
+    from labctl.worker.data.arrays import resize_images, resized_moments
+
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    resized = resize_images(x, size)
+    mean, std = resized_moments(x, size)
+    assert mean == pytest.approx(float(resized.mean()), rel=1e-5)
+    assert std == pytest.approx(float(resized.std()), rel=1e-5)
+
+
+def test_limits_apply_before_resizing():
+    """--image-size 1024 on digits allocated 7 GiB before keeping 8 images of it."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        ds = load_arrays(spec(image_size=1024, limit_train=8, limit_test=4))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ds.train.x.shape == (8, 1, 1024, 1024) and ds.test.x.shape == (4, 1, 1024, 1024)
+    assert peak < 256 * 2**20  # the 12 images are 48 MiB
+    # Normalised with the whole train split's statistics, as without the limits.
+    small = load_arrays(spec(image_size=16, limit_train=100))
+    full = load_arrays(spec(image_size=16))
+    index = subset_indices(1437, 100, 0, 0)
+    np.testing.assert_allclose(small.train.x, full.train.x[index], atol=1e-5)
+
+
+def test_a_dataset_bigger_than_the_host_is_refused_with_the_estimate_before_loading():
+    from labctl.worker.data.memory import available_memory_bytes
+    from labctl.worker.engine import DataError
+
+    if available_memory_bytes() is None:
+        pytest.skip("this host does not say how much memory it has")
+    huge = build_spec({"model": "numpy-cnn", "dataset": "synthetic", "image_size": 1024,
+                       "limit_train": 10_000_000, "limit_test": 100})
+    with pytest.raises(DataError) as refused:
+        load_arrays(huge)
+    assert str(refused.value).startswith(
+        "dataset synthetic at 1024 px needs about 117,188.7 GiB of memory (10,000,000 train "
+        "+ 100 test images of 3x1024x1024 float32), more than the ")
+    assert str(refused.value).endswith(" GiB this host has available; lower --image-size or "
+                                       "set --limit-train / --limit-test")

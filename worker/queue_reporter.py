@@ -61,6 +61,11 @@ def request_handback(reason: str) -> None:
     _handback.set()
 
 
+def shutting_down() -> bool:
+    """Whether this worker was asked to stop (then it claims no new job)."""
+    return _handback.is_set()
+
+
 class QueueReporter(Reporter):
     def __init__(self, records: JobRecords, job_id: str, owner: str, heartbeat: Heartbeat,
                  *, clock: Callable[[], float] = time.monotonic):

@@ -23,7 +23,12 @@ from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
 from labctl.worker.app import TASK_NAME, app
-from labctl.worker.queue_reporter import GuardedReporter, JobReleased, QueueReporter
+from labctl.worker.queue_reporter import (
+    GuardedReporter,
+    JobReleased,
+    QueueReporter,
+    shutting_down,
+)
 from labctl.worker.reaper import Heartbeat, send_job, worker_records
 from labctl.worker.runner import Reporter, Reporters, run_job
 
@@ -40,8 +45,9 @@ def run_job_task(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
     try:
         job_id, spec_values, attempt = parse_message(args, kwargs)
     except MalformedMessage as exc:
+        # Logged once here and acked: a Reject would add Celery's traceback of this frame.
         log.error("rejected malformed message %s: %s", self.request.id, exc)
-        raise Reject(str(exc), requeue=False) from None
+        return {"rejected": str(exc)}
     return execute(job_id, spec_values, attempt, hostname=self.request.hostname or "worker")
 
 
@@ -72,6 +78,8 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
     records = worker_records()
     store = ArtifactStore(settings.artifacts_dir)
     owner = f"{hostname}:{os.getpid()}:{attempt}"
+    if shutting_down():
+        return _put_back(records, job_id, spec_values, attempt)
     try:
         claimed = lifecycle.claim(records, store, job_id, attempt, owner,
                                   lease_seconds=settings.heartbeat_timeout_seconds,
@@ -96,10 +104,32 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         error = f"invalid spec: {exc}"
         lifecycle.ended(records, job_id, owner, JobState.FAILED, error=error)
         records.append_log(job_id, f"failed: {error}")
-        log.error("job %s rejected: %s", job_id, error)
-        raise Reject(error, requeue=False) from None
+        # The user's mistake, not the worker's: one line, no traceback, the message acked.
+        log.warning("job %s attempt %d failed: %s", job_id, attempt, error)
+        return {"job_id": job_id, "attempt": attempt, "state": JobState.FAILED}
 
     return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
+
+
+def _put_back(records: JobRecords, job_id: str, spec_values: dict[str, Any],
+              attempt: int) -> dict[str, Any]:
+    """A worker that is stopping can still be handed a message: one it was already reading
+    when the signal came, often the very job another worker just handed back. Claiming it
+    would only hand it back again, one attempt later; the message goes back as it came, for
+    a worker that stays."""
+    from labctl.shared.queue import enqueue
+
+    try:
+        record = records.get(job_id)
+        waiting = (record is not None and record.get("state") == JobState.QUEUED
+                   and record.get("attempts") == attempt)
+        if waiting:
+            enqueue(job_id, spec_values, attempt=attempt, queue=record["queue"], app=app)
+    except Exception as exc:  # not sent: the broker keeps this message instead
+        raise Reject(f"worker shutting down; message not re-sent: {exc}", requeue=True) from None
+    log.info("job %s attempt %d not claimed: this worker is shutting down%s", job_id, attempt,
+             "; put back in the queue" if waiting else " (and the job waits for no message)")
+    return {"job_id": job_id, "attempt": attempt, "skipped": "worker shutting down"}
 
 
 def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_id: str,
@@ -124,8 +154,10 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
     finally:
         heartbeat.stop()
         heartbeat.join(timeout=5)
-    log.info("job %s attempt %d %s%s", job_id, attempt, outcome.state,
-             f": {outcome.error}" if outcome.error else "")
+    # A job that failed is the job's news, not the worker's: a warning, never a traceback.
+    log.log(logging.WARNING if outcome.state == JobState.FAILED else logging.INFO,
+            "job %s attempt %d %s%s", job_id, attempt, outcome.state,
+            f": {outcome.error}" if outcome.error else "")
     return {"job_id": job_id, "attempt": attempt, "state": outcome.state}
 
 

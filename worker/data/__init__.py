@@ -20,7 +20,11 @@ later runs memory-map the pixels. The torch datasets use it when ``LABCTL_DECODE
 (images stored at shorter side S*256/224, transforms unchanged), so GPU epochs do not wait
 on JPEG decoding.
 
-Modules: types (containers), subset (seeded limits), arrays (digits, synthetic, resize),
+Memory (memory.py): every loader applies the limits first, then refuses with the estimate
+(``DataError``) a dataset whose float32 arrays would not fit in the memory this host has
+available, before allocating them.
+
+Modules: types (containers), subset (seeded limits), memory, arrays (digits, synthetic, resize),
 mnist (IDX files), samples (file lists, opening images), stanford_cars, imagefolder,
 images (file datasets -> arrays), cache, transforms, torch_datasets, predict_inputs (a
 user's image files preprocessed as a job's test split, for ``labctl predict``).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from labctl.worker.data.memory import check_fits
 from labctl.worker.data.subset import TEST_STREAM, TRAIN_STREAM, subset_indices
 from labctl.worker.data.types import ArrayDataset, ArraySplit
 
@@ -49,6 +50,24 @@ def resize_images(x: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def resized_moments(x: np.ndarray, size: int) -> tuple[float, float]:
+    """(mean, std) of ``resize_images(x, size)`` without making it: x (N, C, H, W).
+
+    The resize is linear, out = R x C^T with R (size, H) and C (size, W), so
+    sum(out) = r^T x c with r, c the column sums of R and C, and
+    sum(out**2) = <x, (R^T R) x (C^T C)>: both from the small native images. Digits at
+    1024 px would otherwise need 5.6 GiB just to learn two numbers."""
+    h, w = x.shape[2:]
+    rows = resize_matrix(h, size).astype(np.float64)
+    cols = resize_matrix(w, size).astype(np.float64)
+    x64 = x.astype(np.float64)
+    count = x.shape[0] * x.shape[1] * size * size
+    total = np.einsum("h,nchw,w->", rows.sum(axis=0), x64, cols.sum(axis=0))
+    squares = np.einsum("nchw,hk,nckv,vw->", x64, rows.T @ rows, x64, cols.T @ cols)
+    mean = total / count
+    return float(mean), float(np.sqrt(max(squares / count - mean * mean, 0.0)))
+
+
 def normalise(x: np.ndarray, mean: float, std: float) -> np.ndarray:
     """(x - mean) / std as float32 (in place when x is already float32)."""
     x = x.astype(np.float32, copy=False)
@@ -87,11 +106,11 @@ def digits_native_split() -> tuple[ArraySplit, ArraySplit]:
 def digits_normalisation(image_size: int, train: ArraySplit | None = None
                          ) -> tuple[float, float]:
     """(mean, std) digits jobs normalise [0, 1] pixels with at ``image_size``: the full
-    train split's, after resizing (``limit_train`` subsets are taken after normalising, so
-    every job at one size shares them). ``train``: the native split, if already loaded."""
+    train split's after resizing, computed from the native 8x8 images without resizing them
+    (``limit_train`` subsets are normalised like the full run, so every job at one size
+    shares them). ``train``: the native split, if already loaded."""
     train = train if train is not None else digits_native_split()[0]
-    x_train = resize_images(train.x, image_size)
-    return float(x_train.mean()), float(x_train.std())
+    return resized_moments(train.x, image_size)
 
 
 def load_digits_arrays(image_size: int, limit_train: int | None = None,
@@ -100,13 +119,13 @@ def load_digits_arrays(image_size: int, limit_train: int | None = None,
     with :func:`digits_normalisation`. Returns x of shape (N, 1, image_size, image_size)."""
     native_train, native_test = digits_native_split()
     mean, std = digits_normalisation(image_size, native_train)
-    train = ArraySplit(normalise(resize_images(native_train.x, image_size), mean, std),
-                       native_train.y)
-    test = ArraySplit(normalise(resize_images(native_test.x, image_size), mean, std),
-                      native_test.y)
+    # Only the subsets are resized: the limits come first.
+    train = take(native_train, limit_train, seed, TRAIN_STREAM)
+    test = take(native_test, limit_test, seed, TEST_STREAM)
+    check_fits("digits", len(train), len(test), 1, image_size)
     return ArrayDataset(
-        train=take(train, limit_train, seed, TRAIN_STREAM),
-        test=take(test, limit_test, seed, TEST_STREAM),
+        train=ArraySplit(normalise(resize_images(train.x, image_size), mean, std), train.y),
+        test=ArraySplit(normalise(resize_images(test.x, image_size), mean, std), test.y),
         class_names=[str(d) for d in range(10)],
     )
 
@@ -139,9 +158,11 @@ def load_synthetic_arrays(image_size: int, num_classes: int, limit_train: int | 
     512`` (the limits set the size rather than subsetting). Returns x of shape
     (N, 3, image_size, image_size), normalised to zero mean / unit std with train stats.
     """
+    sizes = limit_train or SYNTHETIC_TRAIN, limit_test or SYNTHETIC_TEST
+    check_fits("synthetic", *sizes, SYNTHETIC_CHANNELS, image_size)
     protos = _prototypes(num_classes, image_size, seed)
-    train = _synthetic_split(protos, limit_train or SYNTHETIC_TRAIN, seed, TRAIN_STREAM)
-    test = _synthetic_split(protos, limit_test or SYNTHETIC_TEST, seed, TEST_STREAM)
+    train = _synthetic_split(protos, sizes[0], seed, TRAIN_STREAM)
+    test = _synthetic_split(protos, sizes[1], seed, TEST_STREAM)
     mean, std = float(train.x.mean()), float(train.x.std())
     return ArrayDataset(
         train=ArraySplit(normalise(train.x, mean, std), train.y),

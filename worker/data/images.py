@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from labctl.worker.data.cache import cache_dir_for, decode_images
+from labctl.worker.data.memory import check_fits
 from labctl.worker.data.samples import ImageSamples, ImageSource
 from labctl.worker.data.subset import TEST_STREAM, TRAIN_STREAM
 from labctl.worker.data.transforms import centre_crop, imagenet_normalise
@@ -57,5 +58,6 @@ def load_image_arrays(spec: JobSpec) -> ArrayDataset:
     source = load_image_source(spec)
     size = spec.effective_image_size
     cache_dir = cache_dir_for(source.root)
+    check_fits(spec.dataset, len(source.train), len(source.test), 3, size)
     return ArrayDataset(decode_split(source.train, size, cache_dir),
                         decode_split(source.test, size, cache_dir), source.class_names)

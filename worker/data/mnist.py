@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from labctl.worker.data.arrays import normalise, resize_images, take
+from labctl.worker.data.memory import check_fits
 from labctl.worker.data.subset import TEST_STREAM, TRAIN_STREAM
 from labctl.worker.data.types import ArrayDataset, ArraySplit
 from labctl.worker.engine import DataError
@@ -84,26 +85,30 @@ def read_mnist_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist_raw(root: str | Path, limit_train: int | None = None,
-                   limit_test: int | None = None, seed: int = 0) -> ArrayDataset:
-    """MNIST at native 28x28, normalised, subset: x (N, 1, 28, 28) float32."""
+                   limit_test: int | None = None, seed: int = 0, *,
+                   final_size: int | None = None) -> ArrayDataset:
+    """MNIST at native 28x28, normalised, subset: x (N, 1, 28, 28) float32.
+    ``final_size``: the size the caller will resize to, for the memory check."""
     root = Path(root)
-    splits = {}
+    raw = {}
     for split, limit, stream in (("train", limit_train, TRAIN_STREAM),
                                  ("test", limit_test, TEST_STREAM)):
         images, labels = read_mnist_split(root, split)
         # Subset before converting to float: 60k x 784 float32 is 188 MB we may not need.
-        sub = take(ArraySplit(images[:, None], labels), limit, seed, stream)
-        x = normalise(sub.x.astype(np.float32) / 255.0, MNIST_MEAN, MNIST_STD)
-        splits[split] = ArraySplit(x, sub.y)
-    if splits["train"].x.shape[2:] != splits["test"].x.shape[2:]:
+        raw[split] = take(ArraySplit(images[:, None], labels), limit, seed, stream)
+    if raw["train"].x.shape[2:] != raw["test"].x.shape[2:]:
         raise DataError(f"MNIST train and test images differ in size at {root}")
+    check_fits("mnist", len(raw["train"]), len(raw["test"]), 1,
+               final_size or raw["train"].x.shape[2])
+    splits = {split: ArraySplit(normalise(sub.x.astype(np.float32) / 255.0, MNIST_MEAN,
+                                          MNIST_STD), sub.y) for split, sub in raw.items()}
     return ArrayDataset(splits["train"], splits["test"], [str(d) for d in range(10)])
 
 
 def load_mnist_arrays(root: str | Path, image_size: int, limit_train: int | None = None,
                       limit_test: int | None = None, seed: int = 0) -> ArrayDataset:
     """MNIST as x (N, 1, image_size, image_size) float32 normalised, y (N,) int64."""
-    ds = load_mnist_raw(root, limit_train, limit_test, seed)
+    ds = load_mnist_raw(root, limit_train, limit_test, seed, final_size=image_size)
     if ds.image_size == image_size:
         return ds
     # Resizing after normalising is fine: bilinear resize is affine-invariant.
