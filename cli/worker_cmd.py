@@ -81,7 +81,7 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
                 reserve(records, hostname, queues.split(","))
             finally:
                 records.client.close()
-        run_solo_worker(queues, metrics_port, loglevel, hostname)
+        run_one_worker(queues, metrics_port, loglevel, hostname)
     else:
         if records is not None:  # each child reserves its own name
             records.client.close()
@@ -125,7 +125,7 @@ def check_broker() -> JobRecords | None:
     return records
 
 
-def run_solo_worker(queues: str, metrics_port: int | None, loglevel: str,
+def run_one_worker(queues: str, metrics_port: int | None, loglevel: str,
                     hostname: str) -> None:
     # The worker_init hook in labctl.worker.app reads the port from the settings.
     if metrics_port is not None:
@@ -173,7 +173,7 @@ def child_command(queues: str, metrics_port: int | None, loglevel: str, hostname
 
 def supervise(queues: str, concurrency: int, metrics_port: int | None, loglevel: str,
               hostname: str) -> int:
-    """Start ``concurrency`` solo workers, forward signals, restart the ones that crash."""
+    """Start ``concurrency`` worker processes, forward signals, restart the ones that crash."""
     commands = [child_command(queues, metrics_port, loglevel, hostname, i)
                 for i in range(1, concurrency + 1)]
     children: dict[int, tuple[subprocess.Popen, float]] = {}
@@ -197,7 +197,7 @@ def supervise(queues: str, concurrency: int, metrics_port: int | None, loglevel:
         signal.signal(signum, forward)
     for index in range(1, concurrency + 1):
         start(index)
-    click.echo(f"started {concurrency} solo workers on {queues}", err=True)
+    click.echo(f"started {concurrency} worker processes on {queues}", err=True)
 
     exit_code, broken = 0, False
     while children:

@@ -102,8 +102,9 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
                             "dataset files")
     except SpecError as exc:
         error = f"invalid spec: {exc}"
-        lifecycle.ended(records, job_id, owner, JobState.FAILED, error=error)
+        # The line before the end: a follower stops reading the log once the state is final.
         records.append_log(job_id, f"failed: {error}")
+        lifecycle.ended(records, job_id, owner, JobState.FAILED, error=error)
         # The user's mistake, not the worker's: one line, no traceback, the message acked.
         log.warning("job %s attempt %d failed: %s", job_id, attempt, error)
         return {"job_id": job_id, "attempt": attempt, "state": JobState.FAILED}
@@ -150,15 +151,21 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
                           writer=f"worker {hostname}")
     except JobReleased as released:
         reporter.close()  # on_end never ran: drop the job's live metric series here
+        # Before the hand-back: a beat after it would find the lease gone and log it as lost.
+        _stop_beating(heartbeat)
         return _released(records, job_id, attempt, owner, released)
     finally:
-        heartbeat.stop()
-        heartbeat.join(timeout=5)
+        _stop_beating(heartbeat)
     # A job that failed is the job's news, not the worker's: a warning, never a traceback.
     log.log(logging.WARNING if outcome.state == JobState.FAILED else logging.INFO,
             "job %s attempt %d %s%s", job_id, attempt, outcome.state,
             f": {outcome.error}" if outcome.error else "")
     return {"job_id": job_id, "attempt": attempt, "state": outcome.state}
+
+
+def _stop_beating(heartbeat: Heartbeat) -> None:
+    heartbeat.stop()  # idempotent: sets an event
+    heartbeat.join(timeout=5)
 
 
 def _released(records: JobRecords, job_id: str, attempt: int, owner: str,
