@@ -66,7 +66,7 @@ class TerminalReporter(Reporter):
     def on_start(self, job_id, spec, info):
         resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
         click.echo(f"job {job_id}: {spec.model} / {spec.optimizer} on {spec.dataset} "
-                   f"({info['train_size']} train, {info['test_size']} test, "
+                   f"({info['train_size']} train, {info['test_size']} {spec.evaluation_split}, "
                    f"{info['num_classes']} classes){resumed}", err=True)
         self.ctrl_c.training = True
 
