@@ -28,7 +28,8 @@ class Range:
     log: bool
 
     def describe(self) -> str:
-        return f"{self.name} {'log-uniform' if self.log else 'uniform'} [{self.low:g}, {self.high:g}]"
+        kind = "log-uniform" if self.log else "uniform"
+        return f"{self.name} {kind} [{self.low:g}, {self.high:g}]"
 
 
 #: Wide enough that both optimizers' good settings lie inside it: the rate spans four
