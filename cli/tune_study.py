@@ -50,8 +50,34 @@ def open_storage(*, local: bool, artifacts_root: str | Path, redis_url: str
             path.parent.mkdir(parents=True, exist_ok=True)
             backend = JournalFileBackend(str(path))
         else:
-            backend = JournalRedisBackend(redis_url, prefix=REDIS_PREFIX)
+            backend = _tls_aware(JournalRedisBackend)(redis_url, prefix=REDIS_PREFIX)
         return optuna.storages.JournalStorage(backend)
+
+
+def _redis_client(url: str):
+    import redis
+
+    from labctl.shared.redis_tls import redis_target
+
+    # Bytes, not text: the journal's snapshot is a pickle.
+    target = redis_target(url)
+    return redis.Redis.from_url(target.url, **target.client_options())
+
+
+def _tls_aware(backend_class):
+    """Optuna's Redis journal on a client with labctl's TLS options: a ``rediss://`` URL
+    alone does not carry LABCTL_REDIS_TLS_CA/_CERT/_KEY, which the job records use."""
+
+    class LabctlRedisBackend(backend_class):
+        def __init__(self, url: str, prefix: str) -> None:
+            super().__init__(url, prefix=prefix)
+            self._redis = _redis_client(url)
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            super().__setstate__(state)
+            self._redis = _redis_client(self._url)
+
+    return LabctlRedisBackend
 
 
 def optuna_name(study: str, optimizer: str) -> str:
