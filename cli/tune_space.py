@@ -7,9 +7,10 @@ per-epoch rows, which with ``spec.validation`` set are the validation split's.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from labctl.cli.analysis.robust import epochs_to_target
 
 #: The objectives, and the direction Optuna optimises each in.
 OBJECTIVES = {"accuracy": "maximize", "time-to-target": "minimize"}
@@ -52,12 +53,6 @@ def spec_values(params: dict[str, float]) -> dict[str, Any]:
     """A trial's sampled parameters as spec fields (``beta1``, ``beta2`` -> ``betas``)."""
     return {"lr": params["lr"], "betas": [params["beta1"], params["beta2"]],
             "eps": params["eps"], "weight_decay": params["weight_decay"]}
-
-
-def epochs_to_target(rows: list[dict[str, Any]], target: float) -> float:
-    """First epoch whose accuracy reaches ``target``; ``inf`` when none does (a miss is
-    "never", so it ranks behind every run that got there, however late)."""
-    return next((float(r["epoch"]) for r in rows if r["test_accuracy"] >= target), math.inf)
 
 
 def best_accuracy(rows: list[dict[str, Any]]) -> float:
