@@ -140,10 +140,26 @@ def tune(spec_values: dict, trials: int | None, objective: str | None, target: f
 
         result["final"] = run_final(settings, result["optimizers"], final_seeds, jobs, store,
                                     local=local, artifacts_dir=artifacts_dir)
+    _write_snapshot(ts, root, result, studies)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(render_table(result))
+
+
+def _write_snapshot(ts, root: str, result: dict[str, Any], studies: dict) -> None:
+    """The study as the report reads it, from artefacts alone (no Redis)."""
+    from labctl.cli.analysis.tuned_report import write_snapshot
+
+    history = {opt: [{**t, "value": _finite(t["value"])} for t in ts.trial_history(study)]
+               for opt, study in studies.items()}
+    try:
+        path = write_snapshot(root, {**result, "history": history})
+    except OSError as exc:
+        click.echo(f"labctl: could not write the study snapshot: {exc.strerror}", err=True)
+        return
+    click.echo(f"study snapshot: {path} (labctl report ... --study {result['study']})",
+               err=True)
 
 
 def _storage(ts, local: bool, root: str):

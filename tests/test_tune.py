@@ -163,6 +163,21 @@ def test_final_runs_rerun_each_best_configuration_on_the_test_split(tmp_path):
     assert [g["value"] for g in block["groups"]] == ["adam", "adamax"]
     assert block["tests"][0]["seeds"] == [0, 1]
 
+    # The report shows the tuned comparison beside the defaults (here: the final sweep).
+    out = tmp_path / "report"
+    reported = runner.invoke(cli, ["report", final["sweep_id"], "--study", data["study"],
+                                   "-o", str(out), "--artifacts-dir", str(tmp_path)])
+    assert reported.exit_code == 0, reported.output
+    text = (out / "report.md").read_text()
+    assert f"## Tuned comparison: study `{data['study']}`" in text
+    assert "| lr | 1e-05 to 0.1 | log-uniform |" in text
+    assert "same budget of 1 trials" in text and "### Final runs on the test split" in text
+    for name in (f"study_{data['study']}.png", f"final_{data['study']}.png"):
+        assert f"]({name})" in text and (out / name).read_bytes()[:4] == b"\x89PNG"
+    missing = runner.invoke(cli, ["report", final["sweep_id"], "--study", "tu-nope", "-o",
+                                  str(out), "--artifacts-dir", str(tmp_path)])
+    assert missing.exit_code == 3 and missing.stderr.startswith("labctl: no study tu-nope")
+
 
 def test_a_queued_study_is_shared_by_two_workers_and_counts_each_trial_once(
         redis_server, labctl_env, tmp_path):
