@@ -174,6 +174,9 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
 class TrialJobs(Protocol):
     """Where trial jobs run: in this process (``--local``) or through the queue."""
 
+    #: True when ``start`` returns only once the job has ended (it ran here)
+    blocking: bool
+
     def start(self, spec: JobSpec, job_id: str) -> None: ...
 
     def state(self, job_id: str) -> str | None:
@@ -225,10 +228,12 @@ class Driver:
             for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 job_id = trial.user_attrs.get("job_id")
                 state = self.jobs.state(job_id) if job_id else None
-                if state is None:
-                    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-                elif is_terminal(state):
+                if state is not None and is_terminal(state):
                     self._finish(opt, trial.number, job_id)
+                elif state is None or self.jobs.blocking:
+                    # No job, or a local one whose process is gone (this driver is the
+                    # only one running local trials): nothing will ever end it.
+                    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
                 else:
                     self.pending[job_id] = (opt, trial.number)
 
@@ -248,8 +253,8 @@ class Driver:
                     continue
                 self._launch_one(opt)
                 launched = True
-                if not isinstance(self.jobs, QueuedJobs):
-                    self._collect()  # a local job has already ended
+                if self.jobs.blocking:
+                    self._collect()  # it has already ended
 
     def _launch_one(self, opt: str) -> None:
         from labctl.cli.spec_options import to_spec
@@ -308,6 +313,8 @@ class Driver:
 class LocalJobs:
     """Trial jobs run here, one after another, with progress on stderr."""
 
+    blocking = True
+
     def __init__(self, store: ArtifactStore):
         self.store = store
 
@@ -326,6 +333,8 @@ class LocalJobs:
 
 class QueuedJobs:
     """Trial jobs through the queue; their records say when they end."""
+
+    blocking = False
 
     def __init__(self, store: ArtifactStore, records: Any):
         self.store, self.records = store, records

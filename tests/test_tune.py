@@ -230,3 +230,61 @@ def test_a_queued_study_without_redis_is_one_line_and_exit_69(labctl_env):
         assert result.exit_code == 69
         (line,) = result.stderr.strip().splitlines()
         assert "is unreachable" in line
+
+
+def test_a_local_trial_left_running_by_a_dead_driver_fails_and_is_replaced(tmp_path):
+    from labctl.cli.tune_study import open_storage, optuna_name
+
+    first = tune(*SMALL, "--opt", "adam", "--trials", "1", "--study", "crashy", "--local",
+                 "--artifacts-dir", str(tmp_path))
+    assert first.exit_code == 0, first.output
+    import optuna
+
+    storage = open_storage(local=True, artifacts_root=tmp_path, redis_url="redis://unused")
+    study = optuna.load_study(study_name=optuna_name("crashy", "adam"), storage=storage)
+    orphan = study.ask()  # as a driver killed mid-trial leaves it: running, its job too
+    orphan.set_user_attr("job_id", "20260101-000000-dead00")
+    folder = ArtifactStore(tmp_path).job("20260101-000000-dead00").create()
+    folder.update_status(state="running")
+    resumed = tune("--study", "crashy", "--trials", "2", "--local", "--json",
+                   "--artifacts-dir", str(tmp_path))
+    assert resumed.exit_code == 0, resumed.output
+    entry = json.loads(resumed.stdout)["optimizers"]["adam"]
+    assert entry["finished_trials"] == 2 and entry["failed_trials"] == 1
+
+
+def test_a_queued_trial_whose_job_ended_after_its_driver_died_is_counted_once(
+        redis_server, labctl_env, tmp_path):
+    import optuna
+
+    from labctl.cli.spec_options import to_spec
+    from labctl.cli.tune_space import SEARCH_SPACE, spec_values
+    from labctl.cli.tune_study import open_storage, optuna_name
+    from labctl.shared.queue import submit_job
+    from labctl.shared.testing import WorkerProcess, wait_for
+
+    env = labctl_env(redis_url=redis_server.url)
+    with WorkerProcess(redis_server.url, tmp_path / "w.log", queues="cpu", env=env):
+        first = tune(*SMALL, "--opt", "adam", "--trials", "1", "--study", "orphan", "--json")
+        assert first.exit_code == 0, first.output
+        storage = open_storage(local=False, artifacts_root=tmp_path, redis_url=redis_server.url)
+        study = optuna.load_study(study_name=optuna_name("orphan", "adam"), storage=storage)
+        # A driver that asked a trial, queued its job and died: the job ends unattended.
+        trial = study.ask()
+        params = {r.name: trial.suggest_float(r.name, r.low, r.high, log=r.log)
+                  for r in SEARCH_SPACE}
+        spec = to_spec({**study.user_attrs["base"], "optimizer": "adam", **spec_values(params)})
+        job_id = submit_job(spec)
+        trial.set_user_attr("job_id", job_id)
+        records = JobRecords(redis_server.client())
+        wait_for(lambda: records.state(job_id) == "succeeded", timeout=120,
+                 what="the orphaned trial's job")
+        resumed = tune("--study", "orphan", "--trials", "2", "--json")
+        assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.stdout)["optimizers"]["adam"]["finished_trials"] == 2
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(study.trials) == 2 and len(trials) == 2  # adopted, not run again
+    adopted = next(t for t in trials if t.number == trial.number)
+    rows = ArtifactStore(env["LABCTL_ARTIFACTS_DIR"]).job(job_id).read_metrics()
+    assert adopted.value == max(r["test_accuracy"] for r in rows)
+    assert len(records.list(limit=100)) == 2  # no third job was queued
