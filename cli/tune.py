@@ -184,6 +184,10 @@ def _settings(ts, study_name: str, spec_values: dict, stored: dict | None,
     """The study's settings: those given, else (resuming) those it was made with."""
     values = dict(spec_values)
     optimizers = parse_optimizers(values.pop("optimizer", None))
+    searched = [k for k in ("lr", "betas", "eps", "weight_decay") if k in values]
+    if searched:
+        raise BadSpec(f"{searched[0]}: labctl tune searches it for each trial; leave it out "
+                      "(the search space is in labctl tune --help and the README)")
     if stored is not None:
         # Flags given on resuming must agree with the study (open_studies checks); the
         # others come from it, so `labctl tune --study NAME --trials 40` is enough.

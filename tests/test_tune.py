@@ -132,6 +132,7 @@ def test_scores_from_epoch_rows():
     (["--opt", "adam,adam"], "optimizer: each optimizer may be named once"),
     (["--study", "../x"], "--study: '../x' must be"),
     (["--validation", "0.9"], "validation:"),
+    (["--lr", "1e-3"], "lr: labctl tune searches it for each trial"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = tune(*SMALL, *args, "--trials", "1", "--local", "--artifacts-dir", str(tmp_path))
