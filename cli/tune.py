@@ -17,6 +17,8 @@ from typing import Any, get_args
 
 import click
 
+from labctl.cli import tune_driver as td
+from labctl.cli import tune_storage as ts
 from labctl.cli.errors import EXIT_INTERRUPTED, BadSpec, JobFailed
 from labctl.cli.run import artifacts_dir_option, checked_for_this_host
 from labctl.cli.spec_options import spec_options, to_spec
@@ -91,8 +93,6 @@ def tune(spec_values: dict, trials: int | None, objective: str | None, target: f
     Example: labctl tune --model numpy-cnn --dataset digits --opt adam,adamax --trials 4
     --epochs 2 --local
     """
-    from labctl.cli import tune_study as ts
-
     root = artifacts_dir or get_settings().artifacts_dir
     store = ArtifactStore(root)
     records = None
@@ -100,14 +100,14 @@ def tune(spec_values: dict, trials: int | None, objective: str | None, target: f
         from labctl.cli.broker import open_records
 
         records = open_records()  # exit 69 before anything else when Redis is away
-    storage = _storage(ts, local, root)
+    storage = _storage(local, root)
     if list_only:
         _print_list(ts.list_studies(storage), as_json)
         return
 
     study_name = _checked_name(study_name) if study_name else new_study_id()
     stored = ts.stored_settings(storage, study_name)
-    settings = _settings(ts, study_name, spec_values, stored, objective, target, sampler_seed)
+    settings = _settings(study_name, spec_values, stored, objective, target, sampler_seed)
     budget = trials or (stored or {}).get("trials") or 20
     if local:
         for opt in settings.optimizers:  # data and device checked before any trial starts
@@ -122,32 +122,32 @@ def tune(spec_values: dict, trials: int | None, objective: str | None, target: f
                f"({', '.join(settings.optimizers)}), objective {settings.objective}"
                f"{f' (target {settings.target:g})' if settings.objective != 'accuracy' else ''}"
                f", {'here' if local else 'through the queue'}", err=True)
-    jobs = ts.LocalJobs(store) if local else ts.QueuedJobs(store, records)
-    driver = ts.Driver(studies, settings, jobs, store, budget,
+    jobs = td.LocalJobs(store) if local else td.QueuedJobs(store, records)
+    driver = td.Driver(studies, settings, jobs, store, budget,
                        parallel=1 if local else parallel,
                        on_start=_echo_start, on_result=_echo_result)
     try:
         driver.run()
-    except ts.TrialFailed as exc:
+    except td.TrialFailed as exc:
         raise JobFailed(f"{exc} (resume with: labctl tune --study {study_name})") from None
     except KeyboardInterrupt:
         click.echo(f"\nstopped; resume with: labctl tune --study {study_name}"
                    f"{' --local' if local else ''}", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    result = summary(ts, settings, studies, budget, local)
+    result = summary(settings, studies, budget, local)
     if final_seeds:
         from labctl.cli.tune_final import run_final
 
         result["final"] = run_final(settings, result["optimizers"], final_seeds, jobs, store,
                                     local=local, artifacts_dir=artifacts_dir)
-    _write_snapshot(ts, root, result, studies)
+    _write_snapshot(root, result, studies)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(render_table(result))
 
 
-def _write_snapshot(ts, root: str, result: dict[str, Any], studies: dict) -> None:
+def _write_snapshot(root: str, result: dict[str, Any], studies: dict) -> None:
     """The study as the report reads it, from artefacts alone (no Redis)."""
     from labctl.cli.analysis.tuned_report import write_snapshot
 
@@ -162,7 +162,7 @@ def _write_snapshot(ts, root: str, result: dict[str, Any], studies: dict) -> Non
                err=True)
 
 
-def _storage(ts, local: bool, root: str):
+def _storage(local: bool, root: str):
     try:
         return ts.open_storage(local=local, artifacts_root=root,
                                redis_url=get_settings().redis_url)
@@ -179,7 +179,7 @@ def _checked_name(name: str) -> str:
     return name
 
 
-def _settings(ts, study_name: str, spec_values: dict, stored: dict | None,
+def _settings(study_name: str, spec_values: dict, stored: dict | None,
               objective: str | None, target: float | None, sampler_seed: int | None):
     """The study's settings: those given, else (resuming) those it was made with."""
     values = dict(spec_values)
@@ -234,7 +234,7 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def summary(ts, settings, studies: dict, budget: int, local: bool) -> dict[str, Any]:
+def summary(settings, studies: dict, budget: int, local: bool) -> dict[str, Any]:
     """The study as JSON: settings, budget, space and each optimizer's best trial. A
     time-to-target value that never reached the target is ``null`` with
     ``reached_target: false`` (JSON has no infinity)."""

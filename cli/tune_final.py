@@ -44,7 +44,7 @@ def run_final(settings: Any, optimizers: dict[str, dict[str, Any]], seeds: int, 
               store: ArtifactStore, *, local: bool, artifacts_dir: str | None
               ) -> dict[str, Any]:
     """Run (or queue and wait for) every final job; the sweep's id, jobs and their states."""
-    from labctl.cli.tune_study import POLL_SECONDS
+    from labctl.cli.tune_driver import POLL_SECONDS
 
     sweep_id = final_sweep_id(settings.study)
     planned = final_specs(settings, optimizers, seeds)

@@ -184,7 +184,7 @@ def test_a_queued_study_is_shared_by_two_workers_and_counts_each_trial_once(
         redis_server, labctl_env, tmp_path):
     import optuna
 
-    from labctl.cli.tune_study import REDIS_PREFIX, open_storage, optuna_name
+    from labctl.cli.tune_storage import REDIS_PREFIX, open_storage, optuna_name
     from labctl.shared.testing import WorkerProcess
 
     env = labctl_env(redis_url=redis_server.url)
@@ -234,7 +234,7 @@ def test_a_queued_study_without_redis_is_one_line_and_exit_69(labctl_env):
 
 
 def test_a_local_trial_left_running_by_a_dead_driver_fails_and_is_replaced(tmp_path):
-    from labctl.cli.tune_study import open_storage, optuna_name
+    from labctl.cli.tune_storage import open_storage, optuna_name
 
     first = tune(*SMALL, "--opt", "adam", "--trials", "1", "--study", "crashy", "--local",
                  "--artifacts-dir", str(tmp_path))
@@ -260,7 +260,7 @@ def test_a_queued_trial_whose_job_ended_after_its_driver_died_is_counted_once(
 
     from labctl.cli.spec_options import to_spec
     from labctl.cli.tune_space import SEARCH_SPACE, spec_values
-    from labctl.cli.tune_study import open_storage, optuna_name
+    from labctl.cli.tune_storage import open_storage, optuna_name
     from labctl.shared.queue import submit_job
     from labctl.shared.testing import WorkerProcess, wait_for
 
