@@ -89,9 +89,12 @@ def _summary(analysis: Analysis) -> str:
                  "(so the same initial weights and data order for both optimizers) are "
                  "compared pairwise.")
         if all(r.spec.get("lr") is None for r in runs):
-            intro += (" Each optimizer ran at its default learning rate (Adam 0.001, AdaMax "
-                      "0.002, as Kingma & Ba recommend): each is compared as a user would run "
-                      "it, not at one shared rate.")
+            # The recipe's rate where the setup has one (shared/recipes.py), else Kingma
+            # & Ba's: the Setup table lists the rate each ran at.
+            intro += (" Each optimizer ran at its default learning rate (its recipe's for "
+                      "the model and dataset, else Adam 0.001 and AdaMax 0.002 as Kingma & "
+                      "Ba recommend; the Setup table gives each): each is compared as a user "
+                      "would run it, not at one shared rate.")
         lines += [intro, ""]
     for i, block in enumerate(analysis.blocks):
         lines.append(f"**{block.label}.** {block_conclusion(block, analysis.tests[i])}")
