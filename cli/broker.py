@@ -92,16 +92,16 @@ def get_record(records: JobRecords, job_id: str) -> dict[str, Any]:
     return record
 
 
-def submit_or_exit(spec, records: JobRecords) -> str:
-    """Queue ``spec`` and return its job id; an unreachable broker exits 69, any other
-    refusal exits 1, each with one line."""
+def submit_or_exit(spec, records: JobRecords, job_id: str | None = None) -> str:
+    """Queue ``spec`` (as ``job_id`` if given) and return its job id; an unreachable broker
+    exits 69, any other refusal exits 1, each with one line."""
     from kombu.exceptions import OperationalError
 
     from labctl.shared.queue import SubmitError, submit_job
 
     try:
         with broker_errors():
-            return submit_job(spec, records=records)
+            return submit_job(spec, records=records, job_id=job_id)
     except SubmitError as exc:
         if isinstance(exc.__cause__, OperationalError | redis.ConnectionError | OSError):
             raise unavailable(exc.__cause__) from None

@@ -70,7 +70,7 @@ class TerminalReporter(Reporter):
         elif info.get("resumed"):
             resumed = ", no checkpoint to resume from: starting from epoch 1"
         click.echo(f"job {job_id}: {spec.model} / {spec.optimizer} on {spec.dataset} "
-                   f"({info['train_size']} train, {info['test_size']} test, "
+                   f"({info['train_size']} train, {info['test_size']} {spec.evaluation_split}, "
                    f"{info['num_classes']} classes){resumed}", err=True)
         self.ctrl_c.training = True
 

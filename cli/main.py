@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
              "Inspect the job spec."),
     "sweep": ("labctl.cli.sweep", "sweep",
               "Submit a grid of jobs: the product of the comma lists given, times the seeds."),
+    "tune": ("labctl.cli.tune", "tune",
+             "Tune each optimizer with the same Optuna budget; every trial is a labctl job."),
     "compare": ("labctl.cli.compare", "compare",
                 "Compare finished runs: accuracy, F1, speed, and a paired significance test."),
     "report": ("labctl.cli.report", "report",

@@ -11,8 +11,9 @@ from labctl.cli.analysis.environment import environment
 from labctl.cli.analysis.report_writer import ReportInputs, write_report
 from labctl.cli.analysis.speed import benchmark_sections
 from labctl.cli.compare import load_analysis
-from labctl.cli.errors import BadSpec
+from labctl.cli.errors import BadSpec, NotFound
 from labctl.cli.run import artifacts_dir_option
+from labctl.shared.settings import get_settings
 
 DEFAULT_BENCHMARKS = "docs/benchmarks.md"
 
@@ -28,18 +29,24 @@ DEFAULT_BENCHMARKS = "docs/benchmarks.md"
 @click.option("--benchmarks", "benchmarks_file", type=click.Path(dir_okay=False),
               default=DEFAULT_BENCHMARKS, show_default=True,
               help="benchmark page whose figures are included when it exists")
+@click.option("--study", "studies", multiple=True, metavar="STUDY",
+              help="add a labctl tune study's tuned comparison (repeat for several)")
 @click.option("--bench", "measure", is_flag=True,
               help="also measure NumPy vs PyTorch and ResNet50 throughput now (labctl bench "
                    "--quick; a few minutes on a CPU)")
 def report(refs: tuple[str, ...], out_dir: str, artifacts_dir: str | None, by: str,
-           benchmarks_file: str, measure: bool) -> None:
+           benchmarks_file: str, studies: tuple[str, ...], measure: bool) -> None:
     """Write OUT/report.md with loss/accuracy/F1 curves per optimizer (std bands), the
     comparison table and significance test with a plain-language conclusion, the speed
-    table, the best run's confusion matrix, the environment and how to reproduce it.
+    table, the best run's confusion matrix, the environment and how to reproduce it. With
+    --study, each study's tuned comparison beside it: search space, budget, best
+    configurations, optimisation history, lr vs score, and the final runs on the test split.
     """
     analysis = load_analysis(refs, artifacts_dir, by)
     inputs = ReportInputs(analysis=analysis, refs=list(refs), environment=environment(),
-                          command=_command_line(refs, out_dir, artifacts_dir, by, measure))
+                          command=_command_line(refs, out_dir, artifacts_dir, by, measure,
+                                                studies))
+    inputs.studies = [_study(name, artifacts_dir) for name in studies]
     inputs.benchmarks_md = benchmark_sections(Path(benchmarks_file))
     inputs.benchmarks_source = benchmarks_file
     if measure:
@@ -56,10 +63,29 @@ def report(refs: tuple[str, ...], out_dir: str, artifacts_dir: str | None, by: s
     click.echo(f"labctl: report written to {path}", err=True)
 
 
+def _study(name: str, artifacts_dir: str | None):
+    """(snapshot, analysis of its final runs or None) of one ``--study``."""
+    from labctl.cli.analysis.manifest import read_manifest
+    from labctl.cli.analysis.tuned_report import read_snapshot
+    from labctl.cli.tune_final import final_sweep_id
+
+    root = artifacts_dir or get_settings().artifacts_dir
+    snapshot = read_snapshot(root, name)
+    if snapshot is None:
+        raise NotFound(f"no study {name} under {root}/studies (labctl tune writes it there)")
+    final = None
+    if read_manifest(root, final_sweep_id(name)) is not None:
+        final = load_analysis((final_sweep_id(name),), artifacts_dir, "optimizer",
+                              snapshot["target"])
+    return snapshot, final
+
+
 def _command_line(refs: tuple[str, ...], out_dir: str, artifacts_dir: str | None, by: str,
-                  measure: bool) -> str:
+                  measure: bool, studies: tuple[str, ...] = ()) -> str:
     """The command as a reader would retype it (not argv: that may be a venv path)."""
     words = ["labctl", "report", *refs, "-o", out_dir]
+    for name in studies:
+        words += ["--study", name]
     if by != "optimizer":
         words += ["--by", by]
     if artifacts_dir:

@@ -37,6 +37,7 @@ VALUE_FLAGS: list[tuple[tuple[str, ...], str]] = [
     (("--device",), "device"),
     (("--limit-train",), "limit_train"),
     (("--limit-test",), "limit_test"),
+    (("--validation",), "validation"),
     (("--num-workers",), "num_workers"),
     (("--init-weights",), "init_weights"),
     (("--name",), "name"),

@@ -71,7 +71,8 @@ class Summary(TypedDict, total=False):
     dataset: str
     num_classes: int
     train_size: int
-    test_size: int
+    test_size: int  # the size of the split evaluated: see evaluated_on
+    evaluated_on: str  # "test", or "validation" when the spec carves one (spec.validation)
     epochs: int
     final: dict[str, float]  # the last epoch's test_* figures
     best: dict[str, Any]  # one epoch's numbers: epoch, test_accuracy, test_f1_macro

@@ -93,6 +93,10 @@ class JobSpec(BaseModel):
     crop_to_bbox: bool = Field(False, description="Crop Stanford Cars images to their box.")
     limit_train: int | None = Field(None, ge=1, le=10_000_000, description="Train subset size.")
     limit_test: int | None = Field(None, ge=1, le=10_000_000, description="Test subset size.")
+    validation: float | None = Field(
+        None, gt=0, le=0.5,
+        description="Fraction of the training split held out (stratified, fixed seed) and "
+        "evaluated instead of the test split, which the job then never reads: for tuning.")
     num_workers: int = Field(4, ge=0, le=64, description="DataLoader worker processes.")
     name: str | None = Field(None, pattern=NAME_PATTERN, description="A label for humans.")
     tags: list[str] = Field(default_factory=list, max_length=20, description="Free labels.",
@@ -144,6 +148,11 @@ class JobSpec(BaseModel):
 
         return (recipe_lr(self.model, self.dataset, self.optimizer)
                 or DEFAULT_LR[self.optimizer])
+
+    @property
+    def evaluation_split(self) -> str:
+        """What the job's ``test_*`` metrics are measured on."""
+        return "test" if self.validation is None else "validation"
 
     @property
     def effective_image_size(self) -> int:

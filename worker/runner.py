@@ -423,6 +423,8 @@ def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
         "num_classes": engine.num_classes,
         "train_size": engine.train_size,
         "test_size": engine.test_size,
+        # With a validation split the test_* figures are the validation split's.
+        "evaluated_on": spec.evaluation_split,
         "epochs": spec.epochs,
         "final": {k: v for k, v in final.items() if k.startswith("test_")},
         # One epoch's numbers (the most accurate one), not maxima taken from different epochs.

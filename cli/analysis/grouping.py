@@ -16,6 +16,9 @@ from labctl.shared.spec import JobSpec
 
 #: Never split blocks: they label runs or change nothing a metric depends on.
 IGNORED_FIELDS = frozenset({"seed", "name", "tags", "sweep_id", "num_workers", "data_root"})
+#: Optimizer settings that may differ between the compared optimizers of one setup: each
+#: optimizer's own (tuned) values go with it, as its default learning rate does.
+OPTIMIZER_SETTINGS = ("lr", "betas", "eps", "weight_decay")
 #: Values that read well without their field name in a label.
 SELF_NAMED = ("model", "dataset", "optimizer")
 
@@ -76,13 +79,22 @@ def make_blocks(runs: list[Run], by: str = "optimizer") -> tuple[list[Block], li
     """Blocks in first-seen order, groups sorted by value. Returns (blocks, notes): a note
     for each run dropped because a later run had the same settings and seed."""
     check_field(by)
-    block_fields = varying_fields(runs, exclude=by)
+    varying = varying_fields(runs, exclude=by)
+    attachable = [f for f in varying if by == "optimizer" and f in OPTIMIZER_SETTINGS]
+    outer = [f for f in varying if f not in attachable]
+    by_outer: dict[tuple, list[Run]] = {}
+    for run in runs:
+        by_outer.setdefault(tuple(_hashable(run.spec.get(f)) for f in outer), []).append(run)
     blocks: dict[tuple, dict[Any, list[Run]]] = {}
     keys: dict[tuple, dict[str, Any]] = {}
-    for run in runs:
-        key = tuple(_hashable(run.spec.get(f)) for f in block_fields)
-        keys.setdefault(key, {f: run.spec.get(f) for f in block_fields})
-        blocks.setdefault(key, {}).setdefault(_hashable(run.spec.get(by)), []).append(run)
+    for members in by_outer.values():
+        # Settings each optimizer holds at one value of its own (a tuned configuration)
+        # belong to the compared optimizer, not to the setup.
+        split = outer + [f for f in attachable if not _follows(members, f, by)]
+        for run in members:
+            key = tuple((f, _hashable(run.spec.get(f))) for f in split)
+            keys.setdefault(key, {f: run.spec.get(f) for f in split})
+            blocks.setdefault(key, {}).setdefault(_hashable(run.spec.get(by)), []).append(run)
     result, notes = [], []
     for key, by_value in blocks.items():
         groups = []
@@ -93,6 +105,16 @@ def make_blocks(runs: list[Run], by: str = "optimizer") -> tuple[list[Block], li
         result.append(Block(fields=keys[key], groups=groups))
     _label_blocks(result, by)
     return result, notes
+
+
+def _follows(runs: list[Run], name: str, by: str) -> bool:
+    """Whether ``name`` differs among ``runs`` only because ``by`` does: each value of
+    ``by`` comes with a single value of it, not all the same one."""
+    seen: dict[Any, set] = {}
+    for run in runs:
+        seen.setdefault(_hashable(run.spec.get(by)), set()).add(_hashable(run.spec.get(name)))
+    single = all(len(values) == 1 for values in seen.values())
+    return single and len(set().union(*seen.values())) > 1
 
 
 def _label_blocks(blocks: list[Block], by: str) -> None:

@@ -69,3 +69,42 @@ def plot_curves(blocks: list[Block], curves: list[str], path: Path,
     fig.tight_layout()
     save_figure(fig, Path(path))
     return Path(path)
+
+
+def plot_boxes(blocks: list[Block], target: float, path: Path) -> Path:
+    """Box plots across seeds, one column per block: final test accuracy (top) and epochs to
+    ``target`` (bottom; a run that never reaches it is drawn at "never", one past the
+    last epoch). Every run is a dot over its box, so ten seeds stay visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labctl.cli.analysis.robust import epochs_to_target
+    from labctl.worker.plots import save_figure
+
+    fig, axes = plt.subplots(2, len(blocks), figsize=(max(4.0, 2.2 * len(blocks[0].groups)) *
+                                                       len(blocks), 6.4), squeeze=False)
+    for b, block in enumerate(blocks):
+        labels = [group.label for group in block.groups]
+        final = [[run.metrics[-1]["test_accuracy"] for run in g.runs] for g in block.groups]
+        last = max(run.metrics[-1]["epoch"] for g in block.groups for run in g.runs)
+        times = [[min(epochs_to_target(run.metrics, target), last + 1) for run in g.runs]
+                 for g in block.groups]
+        for ax, data, ylabel in ((axes[0, b], final, "final test accuracy"),
+                                 (axes[1, b], times, f"epochs to {target:g} test accuracy")):
+            ax.boxplot(data, tick_labels=labels, widths=0.5, showfliers=False)  # dots show all
+            rng = np.random.default_rng(0)  # jitter only; fixed so the figure is stable
+            for i, values in enumerate(data, start=1):
+                ax.plot(i + rng.uniform(-0.08, 0.08, len(values)), values, "o", alpha=0.6,
+                        markersize=4)
+            ax.set(ylabel=ylabel, title=block.label)
+            ax.grid(alpha=0.3, axis="y")
+        axes[1, b].yaxis.get_major_locator().set_params(integer=True)
+        axes[1, b].axhline(last + 1, color="grey", linestyle=":", linewidth=1)
+        axes[1, b].annotate("never", (0.5, last + 1), fontsize=8, color="grey",
+                            xytext=(2, 2), textcoords="offset points")
+    fig.suptitle("across seeds: box = quartiles, line = median, dots = runs", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, Path(path))
+    return Path(path)

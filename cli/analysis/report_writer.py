@@ -17,6 +17,7 @@ from labctl.cli.analysis.plotting import plot_curves
 from labctl.cli.analysis.speed import run_speed_rows
 from labctl.cli.analysis.stats import ALPHA, WILCOXON_MIN_PAIRS, describe_test
 from labctl.cli.analysis.tables import comparison_rows, format_seeds, render_markdown
+from labctl.cli.analysis.tuned_report import robust_markdown, tuned_section
 from labctl.shared.artifacts import atomic_path, utc_now
 from labctl.shared.recipes import recipe_lr
 from labctl.shared.spec import DEFAULT_LR, NATIVE_IMAGE_SIZE
@@ -38,6 +39,8 @@ class ReportInputs:
     benchmarks_md: str | None = None   # docs/benchmarks.md, headings already nested
     benchmarks_source: str | None = None
     measured_md: str | None = None     # labctl report --bench, measured now
+    #: --study: (study snapshot, analysis of its final runs or None) each
+    studies: list[tuple[dict[str, Any], Analysis | None]] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
 
 
@@ -49,6 +52,8 @@ def write_report(inputs: ReportInputs, out: Path) -> Path:
         _summary(analysis),
         _setup(analysis.blocks),
         _results(analysis),
+        *(tuned_section(snapshot, final, out, inputs.written)
+          for snapshot, final in inputs.studies),
         _curves(analysis.blocks, out, inputs),
         _confusion(analysis.blocks, out, inputs),
         _speed(inputs),
@@ -84,9 +89,12 @@ def _summary(analysis: Analysis) -> str:
                  "(so the same initial weights and data order for both optimizers) are "
                  "compared pairwise.")
         if all(r.spec.get("lr") is None for r in runs):
-            intro += (" Each optimizer ran at its default learning rate (Adam 0.001, AdaMax "
-                      "0.002, as Kingma & Ba recommend): each is compared as a user would run "
-                      "it, not at one shared rate.")
+            # The recipe's rate where the setup has one (shared/recipes.py), else Kingma
+            # & Ba's: the Setup table lists the rate each ran at.
+            intro += (" Each optimizer ran at its default learning rate (its recipe's for "
+                      "the model and dataset, else Adam 0.001 and AdaMax 0.002 as Kingma & "
+                      "Ba recommend; the Setup table gives each): each is compared as a user "
+                      "would run it, not at one shared rate.")
         lines += [intro, ""]
     for i, block in enumerate(analysis.blocks):
         lines.append(f"**{block.label}.** {block_conclusion(block, analysis.tests[i])}")
@@ -135,6 +143,11 @@ def _results(analysis: Analysis) -> str:
             head, *rest = describe_test(test)
             lines.append(f"- **{block.label}**, {head}")
             lines.extend(f"  - {line}" for line in rest)
+    lines += ["", "### Median and time to target", "",
+              f"Median and percentile-bootstrap 95% interval across seeds of the final test "
+              f"accuracy and of the epochs until test accuracy reached {analysis.target:g} "
+              "(a run that never did counts as never), with their Wilcoxon tests:", "",
+              *robust_markdown(analysis)]
     return "\n".join(lines)
 
 

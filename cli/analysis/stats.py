@@ -106,6 +106,9 @@ class PairedTest:
     wilcoxon_statistic: float | None = None
     wilcoxon_p_value: float | None = None
     wilcoxon_note: str | None = None
+    #: Holm-adjusted Wilcoxon p-value over the family of workloads compared (robust.py)
+    holm_p_value: float | None = None
+    holm_family: int = 0
 
     @property
     def n(self) -> int:
@@ -149,6 +152,9 @@ class PairedTest:
             "wilcoxon": {"test": "Wilcoxon signed-rank (scipy.stats.wilcoxon, two-sided)",
                          "statistic": self.wilcoxon_statistic,
                          "p_value": self.wilcoxon_p_value, "note": self.wilcoxon_note},
+            "holm": {"correction": "Holm over every workload's Wilcoxon p-value of this "
+                              "figure", "family_size": self.holm_family,
+                     "p_value": self.holm_p_value},
             "alpha": ALPHA, "significant": self.significant,
         }
 
@@ -159,9 +165,14 @@ def paired_test(figure: str, figure_label: str, a: Group, b: Group) -> PairedTes
     a_values = [run_figures(a_runs[s])[figure] for s in seeds]
     b_values = [run_figures(b_runs[s])[figure] for s in seeds]
     test = PairedTest(figure, figure_label, a.label, b.label, seeds, a_values, b_values)
+    run_paired_tests(test)
+    return test
+
+
+def run_paired_tests(test: PairedTest) -> None:
+    """Fill in the t-test and the Wilcoxon signed-rank test of ``test``'s pairs."""
     _t_test(test)
     _wilcoxon(test)
-    return test
 
 
 def _t_test(test: PairedTest) -> None:
@@ -234,7 +245,12 @@ def describe_test(test: PairedTest) -> list[str]:
                   f"p = {format_p(test.wilcoxon_p_value)}")
     else:
         w_line = f"Wilcoxon signed-rank: {test.wilcoxon_note}"
-    return [head, t_line, w_line]
+    lines = [head, t_line, w_line]
+    if test.holm_p_value is not None:
+        verdict = "significant" if test.holm_p_value < ALPHA else "not significant"
+        lines.append(f"Holm over {test.holm_family} workloads: p = "
+                     f"{format_p(test.holm_p_value)} -> {verdict} at {ALPHA}")
+    return lines
 
 
 def _signed(value: float | None) -> str:

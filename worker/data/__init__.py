@@ -27,7 +27,8 @@ available, before allocating them.
 Modules: types (containers), subset (seeded limits), memory, arrays (digits, synthetic, resize),
 mnist (IDX files), samples (file lists, opening images), stanford_cars, imagefolder,
 images (file datasets -> arrays), cache, transforms, torch_datasets, predict_inputs (a
-user's image files preprocessed as a job's test split, for ``labctl predict``).
+user's image files preprocessed as a job's test split, for ``labctl predict``), validation
+(the validation split that replaces the test split when ``spec.validation`` is set).
 """
 
 from __future__ import annotations
@@ -43,13 +44,34 @@ __all__ = ["ArrayDataset", "ArraySplit", "TorchDatasets", "build_torch_datasets"
            "dataset_class_names", "load_arrays"]
 
 
+#: Datasets read as image files (images.py), the others as arrays.
+PHOTO_DATASETS = ("stanford-cars", "imagefolder")
+
+
 def load_arrays(spec: JobSpec) -> ArrayDataset:
     """The dataset of ``spec`` as normalised float32 arrays at ``spec.effective_image_size``."""
     return _load_arrays(spec, spec.effective_image_size)
 
 
 def _load_arrays(spec: JobSpec, image_size: int | None) -> ArrayDataset:
-    """``image_size=None``: the dataset's native size (digits 8, mnist 28, synthetic 32)."""
+    """``image_size=None``: the dataset's native size (digits 8, mnist 28, synthetic 32).
+
+    With ``spec.validation``, ``test`` is the validation split carved from the training
+    split (validation.py) and the training split is what is left of it.
+    """
+    dataset = _load_all_arrays(spec, image_size)
+    # Photo datasets carve theirs from the file list (images.py), before decoding.
+    if spec.validation is None or spec.dataset in PHOTO_DATASETS:
+        return dataset
+    from labctl.worker.data.validation import validation_indices
+
+    kept, held_out = validation_indices(dataset.train.y, spec.validation)
+    train = dataset.train
+    return ArrayDataset(ArraySplit(train.x[kept], train.y[kept]),
+                        ArraySplit(train.x[held_out], train.y[held_out]), dataset.class_names)
+
+
+def _load_all_arrays(spec: JobSpec, image_size: int | None) -> ArrayDataset:
     if image_size is None and spec.dataset in ("digits", "synthetic"):
         from labctl.shared.spec import NATIVE_IMAGE_SIZE
 

@@ -13,6 +13,7 @@ from labctl.worker.data.samples import ImageSamples, ImageSource
 from labctl.worker.data.subset import TEST_STREAM, TRAIN_STREAM
 from labctl.worker.data.transforms import centre_crop, imagenet_normalise
 from labctl.worker.data.types import ArrayDataset, ArraySplit
+from labctl.worker.data.validation import validation_indices
 
 if TYPE_CHECKING:
     from labctl.shared.spec import JobSpec
@@ -37,8 +38,14 @@ def load_image_source(spec: JobSpec) -> ImageSource:
         source = read_imagefolder(spec.data_root)
     else:
         raise ValueError(f"{spec.dataset} is not a file-of-images dataset")
-    return ImageSource(source.train.subset(spec.limit_train, spec.seed, TRAIN_STREAM),
-                       source.test.subset(spec.limit_test, spec.seed, TEST_STREAM),
+    train = source.train.subset(spec.limit_train, spec.seed, TRAIN_STREAM)
+    if spec.validation is not None:
+        # The validation images take the test split's place (and its transforms); the test
+        # files are not read at all.
+        kept, held_out = validation_indices(train.labels, spec.validation)
+        return ImageSource(train.take(kept), train.take(held_out), source.class_names,
+                           source.root)
+    return ImageSource(train, source.test.subset(spec.limit_test, spec.seed, TEST_STREAM),
                        source.class_names, source.root)
 
 

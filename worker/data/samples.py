@@ -35,6 +35,10 @@ class ImageSamples:
         idx = subset_indices(len(self), limit, seed, stream)
         if len(idx) == len(self):
             return self
+        return self.take(idx)
+
+    def take(self, idx: np.ndarray) -> ImageSamples:
+        """The samples at ``idx`` (int indices), in that order."""
         return ImageSamples([self.paths[i] for i in idx], self.labels[idx],
                             None if self.boxes is None else self.boxes[idx])
 
