@@ -38,6 +38,7 @@ VALUE_FLAGS: list[tuple[tuple[str, ...], str]] = [
     (("--limit-train",), "limit_train"),
     (("--limit-test",), "limit_test"),
     (("--num-workers",), "num_workers"),
+    (("--data-path",), "data_path"),
     (("--init-weights",), "init_weights"),
     (("--name",), "name"),
     (("--priority",), "priority"),
