@@ -58,11 +58,18 @@ def choose_data_path(spec: JobSpec, num_images: int, short: int, device: torch.d
         limits.append((_free_disk(cache_dir), f"the free disk space in {cache_dir}"))
     for limit, what in limits:
         if need > limit:
-            notice = (f"data_path auto: {num_images} decoded images (~{need / 1e9:.1f} GB) "
-                      f"exceed {what} ({limit / 1e9:.1f} GB); streaming JPEGs instead")
+            notice = (f"data_path auto: {num_images} decoded images (~{_size(need)}) "
+                      f"exceed {what} ({_size(limit)}); streaming JPEGs instead")
             log.warning("%s", notice)
             return DataPathChoice("stream", notice)
     return DataPathChoice("cache")
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 1e3:.1f} kB"
 
 
 def _free_disk(folder: Path) -> float:
