@@ -31,17 +31,21 @@ from labctl.worker.data.samples import ImageSamples, open_rgb
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the long side rounds down, as torchvision's
 MAX_ASPECT = 3.0
 ENV_CACHE_DIR = "LABCTL_DATA_CACHE_DIR"
 
 
 def resize_short_side(img: Image.Image, short: int) -> Image.Image:
-    """Resize so the shorter side is ``short`` (bilinear, antialiased when shrinking)."""
+    """Resize so the shorter side is ``short`` (bilinear, antialiased when shrinking). The
+    long side is ``int(short * long / shorter)``, as torchvision's ``Resize(short)`` computes
+    it, so cached pixels are the ones its test transform would produce."""
     w, h = img.size
-    scale = short / min(w, h)
     cap = int(short * MAX_ASPECT)
-    size = (min(max(round(w * scale), short), cap), min(max(round(h * scale), short), cap))
+    if w <= h:
+        size = (short, min(int(short * h / w), cap))
+    else:
+        size = (min(int(short * w / h), cap), short)
     return img if size == (w, h) else img.resize(size, Image.Resampling.BILINEAR)
 
 
