@@ -123,3 +123,24 @@ def test_data_path_applies_to_resnet50_on_photos(overrides, field):
     with pytest.raises(SpecError) as caught:
         build_spec({**overrides, "data_path": "stream"})
     assert caught.value.field == field or str(caught.value).startswith(field)
+
+
+@pytest.mark.slow
+def test_cache_and_stream_reach_the_same_accuracy_band(tmp_path):
+    # A short ResNet50 run on a miniature Stanford Cars (each image cropped to its car box,
+    # one colour per class), once per data path. 60 steps: BatchNorm's running statistics
+    # need about that many before evaluation mode predicts what training mode does.
+    base = make_mini_stanford_cars(tmp_path / "data", "official", n_classes=3, per_class=4,
+                                   test_per_class=4)
+    accuracies = {}
+    for data_path in ("cache", "stream"):
+        engine = TorchEngine(cars_spec(base, data_path=data_path, image_size=16, epochs=20,
+                                       lr=1e-3, crop_to_bbox=True))
+        assert engine.data_path == data_path
+        for epoch in range(1, 21):
+            engine.train_one_epoch(epoch, lambda batch, batches: None)
+        result = engine.evaluate()
+        accuracies[data_path] = float((result.y_true == result.y_pred).mean())
+    chance = 1 / 3
+    assert all(a >= chance + 0.3 for a in accuracies.values()), accuracies
+    assert abs(accuracies["cache"] - accuracies["stream"]) <= 0.34, accuracies
