@@ -98,7 +98,8 @@ def resized_crops(images: DeviceImages, which: torch.Tensor, boxes: torch.Tensor
 
     def tap(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         flat = (rows + y * row_w)[:, :, None] + x[:, None, :]  # (B, S, S)
-        return pixels[flat].float()  # (B, S, S, 3)
+        # index_select: about twice as fast as pixels[flat] on a CPU, the same on a GPU.
+        return pixels.index_select(0, flat.view(-1)).view(*flat.shape, 3).float()
 
     wy4 = wy.float()[:, :, None, None]
     wx4 = wx.float()[:, None, :, None]
