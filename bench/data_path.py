@@ -132,7 +132,8 @@ def render(r: dict[str, float], args: argparse.Namespace) -> str:
         f"{r['decode']:,.0f} | once per dataset and size; later jobs read the cache |",
         f"| cached + RandomResizedCrop/flip/normalise in batches (`data_path: auto`) | "
         f"{r['cached']:,.0f} | on the job's device; here the CPU |",
-        f"| streaming DataLoader, {args.workers} workers (`data_path: stream`) | "
+        f"| streaming DataLoader, {args.workers} worker{'s' if args.workers != 1 else ''} "
+        "(`data_path: stream`) | "
         f"{r['streaming']:,.0f} | JPEG decode + torchvision transforms every epoch |",
         f"| ResNet50 training step (ours, forward + backward + AdaMax) | {r['model']:,.1f} | "
         "what the data path has to feed |",
