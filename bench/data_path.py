@@ -117,6 +117,7 @@ def measure(images: int, size: int, batch: int, model_batch: int, model_steps: i
 def render(r: dict[str, float], args: argparse.Namespace) -> str:
     cpu = platform.processor() or platform.machine()
     cores = os.cpu_count() or 1
+    load = os.getloadavg()[0]
     lines = [
         "## Data path on the CPU: decode once + batched augmentation vs streaming JPEGs",
         "",
@@ -124,7 +125,8 @@ def render(r: dict[str, float], args: argparse.Namespace) -> str:
         f"(Stanford Cars' average size), {args.size} px crops, batch {args.batch}, "
         f"{cores} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} "
         "intra-op threads. Images per second of the input pipeline alone (no model), then "
-        f"our ResNet50's training step at {args.size} px (batch {args.model_batch}).",
+        f"our ResNet50's training step at {args.size} px (batch {args.model_batch}). Load "
+        f"average {load:.1f} at the end (other work on the machine slows every row alike).",
         "",
         "| path | images/s | notes |",
         "| --- | ---: | --- |",
