@@ -144,3 +144,27 @@ def test_cache_and_stream_reach_the_same_accuracy_band(tmp_path):
     chance = 1 / 3
     assert all(a >= chance + 0.3 for a in accuracies.values()), accuracies
     assert abs(accuracies["cache"] - accuracies["stream"]) <= 0.34, accuracies
+
+
+def test_a_full_disk_streams_unless_the_cache_is_already_there(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    from labctl.worker.data import data_path
+
+    # The disk's free space is the host's to report; here it reports 1 MB.
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    spec = cars_spec(tmp_path)
+    cpu = torch.device("cpu")
+    need = data_path.estimated_cache_bytes(100, 256)
+    assert need == 100 * 3 * 256 * 384
+    full = data_path.choose_data_path(spec, 100, 256, cpu, tmp_path, max_gb=32)
+    assert full.mode == "stream" and "the free disk space in" in full.notice
+    ready = data_path.choose_data_path(spec, 100, 256, cpu, tmp_path, max_gb=32,
+                                       already_cached=True)
+    assert ready == data_path.DataPathChoice("cache")
+    assert data_path.choose_data_path(cars_spec(tmp_path, data_path="stream"), 1, 256, cpu,
+                                      tmp_path, max_gb=32).mode == "stream"

@@ -185,12 +185,22 @@ def _decode_all(samples: ImageSamples, short: int) -> tuple[np.ndarray, np.ndarr
     return data, index
 
 
+def cache_files(samples: ImageSamples, short: int, cache_dir: Path) -> tuple[str, str]:
+    """The (data, index) .npy files that hold ``samples`` at ``short`` in ``cache_dir``."""
+    stem = cache_dir / f"decoded-{short}-{cache_key(samples, short)}"
+    return f"{stem}.data.npy", f"{stem}.index.npy"
+
+
+def is_cached(samples: ImageSamples, short: int, cache_dir: Path | None) -> bool:
+    return cache_dir is not None and all(
+        Path(f).is_file() for f in cache_files(samples, short, cache_dir))
+
+
 def decode_images(samples: ImageSamples, short: int, cache_dir: Path | None) -> DecodedImages:
     """All images of ``samples`` at shorter side ``short``, from the cache when present."""
     if cache_dir is None:
         return DecodedImages(*_decode_all(samples, short))
-    stem = cache_dir / f"decoded-{short}-{cache_key(samples, short)}"
-    files = (f"{stem}.data.npy", f"{stem}.index.npy")
+    files = cache_files(samples, short, cache_dir)
     if all(Path(f).is_file() for f in files):
         return DecodedImages(files=files)
     log.info("decoding %d images to %s (once)", len(samples), cache_dir)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from labctl.worker.data.cache import cache_dir_for, decode_images
+from labctl.worker.data.cache import cache_dir_for, decode_images, is_cached
 from labctl.worker.data.data_path import choose_data_path
 from labctl.worker.data.device_batches import DeviceImages
 from labctl.worker.data.transforms import resize_size
@@ -40,8 +40,9 @@ def open_cached_splits(spec: JobSpec, device: torch.device) -> CachedSplits | No
     source = load_image_source(spec)
     short = resize_size(spec.effective_image_size)
     cache_dir = cache_dir_for(source.root)
+    cached = all(is_cached(split, short, cache_dir) for split in (source.train, source.test))
     choice = choose_data_path(spec, len(source.train) + len(source.test), short, device,
-                              cache_dir, get_settings().data_cache_max_gb)
+                              cache_dir, get_settings().data_cache_max_gb, cached)
     if choice.mode == "stream":
         return None
     train = DeviceImages.from_decoded(decode_images(source.train, short, cache_dir), device)

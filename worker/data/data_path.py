@@ -43,8 +43,10 @@ def estimated_cache_bytes(num_images: int, short: int) -> int:
 
 
 def choose_data_path(spec: JobSpec, num_images: int, short: int, device: torch.device,
-                     cache_dir: Path | None, max_gb: float) -> DataPathChoice:
-    """``cache`` or ``stream`` for a job on ``spec.dataset``; see the module docstring."""
+                     cache_dir: Path | None, max_gb: float,
+                     already_cached: bool = False) -> DataPathChoice:
+    """``cache`` or ``stream`` for a job on ``spec.dataset``; see the module docstring.
+    ``already_cached``: the cache files exist, so the disk needs no room for them."""
     if spec.dataset not in PHOTO_DATASETS:
         return DataPathChoice("stream")  # small in-memory arrays: nothing to decode
     if spec.data_path != "auto":
@@ -54,7 +56,7 @@ def choose_data_path(spec: JobSpec, num_images: int, short: int, device: torch.d
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         limits.append((free * DEVICE_SHARE, f"half the free memory of {device}"))
-    if cache_dir is not None:
+    if cache_dir is not None and not already_cached:
         limits.append((_free_disk(cache_dir), f"the free disk space in {cache_dir}"))
     for limit, what in limits:
         if need > limit:
