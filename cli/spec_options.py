@@ -39,6 +39,7 @@ VALUE_FLAGS: list[tuple[tuple[str, ...], str]] = [
     (("--limit-test",), "limit_test"),
     (("--validation",), "validation"),
     (("--num-workers",), "num_workers"),
+    (("--data-path",), "data_path"),
     (("--init-weights",), "init_weights"),
     (("--name",), "name"),
     (("--priority",), "priority"),

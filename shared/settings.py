@@ -22,6 +22,9 @@ class Settings(BaseSettings):
         False, description="Keep a succeeded job's resumable checkpoint (to train it further "
                            "with run --resume --epochs N); by default only model.* stays.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker /metrics port.")
+    data_cache_max_gb: float = Field(
+        32.0, gt=0, description="Decoded photos a data_path=auto job keeps in memory (and on "
+        "disk) at most; a larger dataset streams from its JPEGs instead.")
     # TLS, for rediss:// URLs only (shared/redis_tls.py). The URL's ssl_* parameters win.
     redis_tls_ca: str | None = Field(None, description="CA file that signed Redis' certificate.")
     redis_tls_cert: str | None = Field(None, description="Client certificate (mutual TLS).")

@@ -26,11 +26,14 @@ Optimizer = Literal["adam", "adamax"]
 Dataset = Literal["digits", "mnist", "stanford-cars", "imagefolder", "synthetic"]
 LrSchedule = Literal["constant", "cosine"]
 Priority = Literal["high", "normal", "low"]
+DataPath = Literal["auto", "cache", "stream"]
 
 #: Kingma & Ba (2015), Algorithm 1 and section 7.1.
 DEFAULT_LR = {"adam": 1e-3, "adamax": 2e-3}
 #: Datasets read from files under ``data_root``; the others are generated or bundled.
 FILE_DATASETS = frozenset({"mnist", "stanford-cars", "imagefolder"})
+#: Datasets of photo files: the ones ``data_path`` chooses decode-once or streaming for.
+PHOTO_DATASETS = frozenset({"stanford-cars", "imagefolder"})
 #: Native side length of each dataset, used when ``image_size`` is left unset.
 NATIVE_IMAGE_SIZE = {"digits": 8, "mnist": 28, "synthetic": 32, "stanford-cars": 224,
                      "imagefolder": 224}
@@ -98,6 +101,10 @@ class JobSpec(BaseModel):
         description="Fraction of the training split held out (stratified, fixed seed) and "
         "evaluated instead of the test split, which the job then never reads: for tuning.")
     num_workers: int = Field(4, ge=0, le=64, description="DataLoader worker processes.")
+    data_path: DataPath = Field(
+        "auto", description="Photos (resnet50): cache decodes each image once and augments "
+        "on the job's device; stream decodes JPEGs every epoch in DataLoader workers; auto "
+        "caches unless the decoded data exceeds LABCTL_DATA_CACHE_MAX_GB.")
     name: str | None = Field(None, pattern=NAME_PATTERN, description="A label for humans.")
     tags: list[str] = Field(default_factory=list, max_length=20, description="Free labels.",
                             json_schema_extra={"default": []})
@@ -132,6 +139,10 @@ class JobSpec(BaseModel):
             # Only the torch ResNet50 loads a checkpoint; the NumPy CNN would ignore it.
             if self.init_weights:
                 raise ValueError("init_weights: applies to resnet50 only")
+        if self.data_path != "auto" and (self.model != "resnet50"
+                                         or self.dataset not in PHOTO_DATASETS):
+            raise ValueError("data_path: cache and stream apply to resnet50 on stanford-cars "
+                             "or imagefolder")
         if self.num_classes is not None and self.dataset != "synthetic":
             raise ValueError("num_classes: only the synthetic dataset takes a class count")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:

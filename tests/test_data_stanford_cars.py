@@ -31,7 +31,6 @@ def spec(root, **kw):
 def _no_shared_cache(monkeypatch):
     # Each test's cache stays inside its own tmp dataset folder.
     monkeypatch.delenv("LABCTL_DATA_CACHE_DIR", raising=False)
-    monkeypatch.delenv("LABCTL_DECODE_CACHE", raising=False)
 
 
 def test_official_layout_is_what_torchvision_reads(tmp_path):
@@ -174,9 +173,7 @@ def test_limits_are_deterministic_and_keep_classes(tmp_path):
     assert set(tds.train.samples.paths) <= set(a.train.paths)
 
 
-@pytest.mark.parametrize("decode_cache", ["0", "1"])
-def test_torch_datasets_transforms_and_pickling(tmp_path, monkeypatch, decode_cache):
-    monkeypatch.setenv("LABCTL_DECODE_CACHE", decode_cache)
+def test_torch_datasets_transforms_and_pickling(tmp_path):
     make_mini_stanford_cars(tmp_path, "kaggle", n_classes=3, per_class=2)
     tds = build_torch_datasets(spec(tmp_path, image_size=32))
     assert tds.class_names == CAR_NAMES[:3] and tds.num_classes == 3

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from labctl.shared.artifacts import atomic_path
-from labctl.shared.spec import JobSpec, SpecError
+from labctl.shared.spec import PHOTO_DATASETS, JobSpec, SpecError
 from labctl.worker.checkpoints import (
     CHECKPOINT_FORMATS,
     CHECKPOINT_NAMES,
@@ -30,7 +30,8 @@ from labctl.worker.checkpoints import (
     CheckpointDamaged,
     read_torch,
 )
-from labctl.worker.data import build_torch_datasets
+from labctl.worker.data import build_torch_datasets, open_cached_splits
+from labctl.worker.data.device_batches import DeviceBatches
 from labctl.worker.engine import (
     BatchCallback,
     DataError,
@@ -135,13 +136,26 @@ class TorchEngine:
             torch.backends.cudnn.benchmark = True
         seed_all(spec.seed)
 
-        data = build_torch_datasets(spec)
-        self.class_names = list(data.class_names)
-        self.num_classes = data.num_classes
-        self.train_size, self.test_size = len(data.train), len(data.test)
+        self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+        # Its own generator: shuffling (and on the cached path, every crop and flip) depends
+        # on the seed and the epoch alone, and its state is checkpointed, so a resumed job
+        # sees the same batches as an uninterrupted one.
+        self.loader_generator = torch.Generator().manual_seed(spec.seed)
+        cached = open_cached_splits(spec, self.device)
+        if cached is not None:
+            self.data_path = "cache"
+            self.class_names = list(cached.class_names)
+            self.train_size, self.test_size = len(cached.train), len(cached.test)
+            self._make_device_batches(cached)
+        else:
+            self.data_path = "stream" if spec.dataset in PHOTO_DATASETS else "memory"
+            data = build_torch_datasets(spec)
+            self.class_names = list(data.class_names)
+            self.train_size, self.test_size = len(data.train), len(data.test)
+            self._make_loaders(data)
+        self.num_classes = len(self.class_names)
         _check_batchnorm_can_train(spec, self.train_size)
 
-        self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         model = resnet50(num_classes=self.num_classes)
         if spec.init_weights:
             load_init_weights(model, spec.init_weights, self.num_classes)
@@ -152,20 +166,28 @@ class TorchEngine:
         self.optimizer = build_optimizer(spec, self.model.parameters(), self.device)
         self.scheduler = build_scheduler(spec, self.optimizer)
 
-        # Its own generator: shuffling depends on the seed and the epoch alone, and its state
-        # is checkpointed, so a resumed job sees the same batches as an uninterrupted one.
-        self.loader_generator = torch.Generator().manual_seed(spec.seed)
+    def _drop_last(self) -> bool:
+        # A last batch of one image would make BatchNorm fail in training mode.
+        return self.train_size % self.spec.batch_size == 1 and self.train_size > 1
+
+    def _make_device_batches(self, cached) -> None:
+        size, batch = self.spec.effective_image_size, self.spec.batch_size
+        self.train_loader = DeviceBatches(cached.train, cached.train_labels, size, batch,
+                                          train=True, generator=self.loader_generator,
+                                          drop_last=self._drop_last(),
+                                          memory_format=self.memory_format)
+        self.test_loader = DeviceBatches(cached.test, cached.test_labels, size, batch,
+                                         train=False, memory_format=self.memory_format)
+
+    def _make_loaders(self, data) -> None:
         # More loader processes than cores only contend with the training threads.
-        workers = min(spec.num_workers, os.cpu_count() or 1)
+        workers = min(self.spec.num_workers, os.cpu_count() or 1)
         loader_options: dict[str, Any] = {
-            "batch_size": spec.batch_size, "num_workers": workers, "pin_memory": self.is_cuda,
-            "persistent_workers": workers > 0 and self.is_cuda,
+            "batch_size": self.spec.batch_size, "num_workers": workers,
+            "pin_memory": self.is_cuda, "persistent_workers": workers > 0 and self.is_cuda,
         }
-        self.train_loader = DataLoader(
-            data.train, shuffle=True, generator=self.loader_generator,
-            # A last batch of one image would make BatchNorm fail in training mode.
-            drop_last=self.train_size % spec.batch_size == 1 and self.train_size > 1,
-            **loader_options)
+        self.train_loader = DataLoader(data.train, shuffle=True, generator=self.loader_generator,
+                                       drop_last=self._drop_last(), **loader_options)
         self.test_loader = DataLoader(data.test, shuffle=False, **loader_options)
 
     # -- the loop -------------------------------------------------------------------------

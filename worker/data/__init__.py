@@ -14,11 +14,14 @@ Torch datasets use the same arrays for digits/mnist/synthetic (grey repeated to 
 resized per item to S); file datasets get RandomResizedCrop+flip (train) and
 Resize(S*256/224)+CenterCrop (test) with ImageNet normalisation.
 
-Decode cache (cache.py): ``load_arrays`` on Stanford Cars / imagefolder decodes each JPEG once
-into ``<dataset folder>/.labctl-cache`` (or ``$LABCTL_DATA_CACHE_DIR``; "off" disables), and
-later runs memory-map the pixels. The torch datasets use it when ``LABCTL_DECODE_CACHE=1``
-(images stored at shorter side S*256/224, transforms unchanged), so GPU epochs do not wait
-on JPEG decoding.
+Decode cache (cache.py): Stanford Cars / imagefolder are decoded once, in parallel, into
+``<dataset folder>/.labctl-cache`` (else ``<artifacts root>/.decode-cache``, or
+``$LABCTL_DATA_CACHE_DIR``; "off" disables), keyed on the files and the size; later jobs
+memory-map the pixels. ``load_arrays`` always uses it. ResNet50 jobs use it by default
+(``spec.data_path`` auto/cache, data_path.py): ``open_cached_splits`` puts the uint8 images
+on the job's device and device_batches.py crops, flips and normalises whole batches there,
+so GPU epochs do not wait on JPEG decoding. ``data_path: stream`` (or auto over budget)
+uses the torch datasets, decoding JPEGs every epoch in DataLoader workers.
 
 Memory (memory.py): every loader applies the limits first, then refuses with the estimate
 (``DataError``) a dataset whose float32 arrays would not fit in the memory this host has
@@ -26,26 +29,26 @@ available, before allocating them.
 
 Modules: types (containers), subset (seeded limits), memory, arrays (digits, synthetic, resize),
 mnist (IDX files), samples (file lists, opening images), stanford_cars, imagefolder,
-images (file datasets -> arrays), cache, transforms, torch_datasets, predict_inputs (a
-user's image files preprocessed as a job's test split, for ``labctl predict``), validation
-(the validation split that replaces the test split when ``spec.validation`` is set).
+images (file datasets -> arrays), cache, transforms, torch_datasets, data_path (cache or
+stream), crops (crop rectangles per batch), device_batches (augmentation on the device),
+cached_splits, predict_inputs (a user's image files preprocessed as a job's test split, for
+``labctl predict``), validation (the validation split that replaces the test split when
+``spec.validation`` is set).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from labctl.shared.spec import PHOTO_DATASETS  # read as image files (images.py)
 from labctl.worker.data.types import ArrayDataset, ArraySplit, TorchDatasets
 
 if TYPE_CHECKING:
     from labctl.shared.spec import JobSpec
+    from labctl.worker.data.cached_splits import CachedSplits
 
 __all__ = ["ArrayDataset", "ArraySplit", "TorchDatasets", "build_torch_datasets",
-           "dataset_class_names", "load_arrays"]
-
-
-#: Datasets read as image files (images.py), the others as arrays.
-PHOTO_DATASETS = ("stanford-cars", "imagefolder")
+           "dataset_class_names", "load_arrays", "open_cached_splits"]
 
 
 def load_arrays(spec: JobSpec) -> ArrayDataset:
@@ -111,6 +114,13 @@ def build_torch_datasets(spec: JobSpec) -> TorchDatasets:
     from labctl.worker.data.torch_datasets import build
 
     return build(spec)
+
+
+def open_cached_splits(spec: JobSpec, device) -> CachedSplits | None:
+    """A photo dataset decoded once onto ``device``; None when ``spec`` streams instead."""
+    from labctl.worker.data.cached_splits import open_cached_splits as open_splits
+
+    return open_splits(spec, device)
 
 
 def _root(spec: JobSpec) -> str:

@@ -4,27 +4,19 @@ under both fork and spawn."""
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
-from labctl.worker.data.cache import DecodedImages, cache_dir_for, decode_images
 from labctl.worker.data.samples import ImageSamples, open_rgb
 from labctl.worker.data.transforms import resize_size, test_transform, train_transform
 from labctl.worker.data.types import ArraySplit, TorchDatasets
 
 if TYPE_CHECKING:
     from labctl.shared.spec import JobSpec
-
-#: Set to 1 to serve Stanford Cars / imagefolder from the decode cache (see cache.py): images
-#: are stored with shorter side S*256/224 and the usual transforms run on those pixels.
-ENV_TORCH_CACHE = "LABCTL_DECODE_CACHE"
-
 
 class ArrayImageDataset(Dataset):
     """Small in-memory datasets (digits, mnist, synthetic) for ResNet50.
@@ -71,21 +63,9 @@ class ImageFileDataset(Dataset):
         return self.transform(image), int(self.samples.labels[i])
 
 
-class DecodedImageDataset(Dataset):
-    """Images from the decode cache (uint8 pixels, already cropped to the box if any)."""
-
-    def __init__(self, images: DecodedImages, labels: np.ndarray, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
-def build(spec: JobSpec, decode_cache: bool | None = None) -> TorchDatasets:
-    """Both torch datasets of ``spec``. ``decode_cache`` defaults to $LABCTL_DECODE_CACHE."""
+def build(spec: JobSpec) -> TorchDatasets:
+    """Both torch datasets of ``spec``: in-memory arrays, or photos decoded per access (the
+    ``stream`` data path; the ``cache`` one is device_batches.py)."""
     size = spec.effective_image_size
     if spec.dataset in ("digits", "mnist", "synthetic"):
         from labctl.worker.data import _load_arrays
@@ -98,17 +78,7 @@ def build(spec: JobSpec, decode_cache: bool | None = None) -> TorchDatasets:
     from labctl.worker.data.images import load_image_source
 
     source = load_image_source(spec)
-    if decode_cache is None:
-        decode_cache = os.environ.get(ENV_TORCH_CACHE, "").strip().lower() in ("1", "true", "yes")
-    train_tf, test_tf = train_transform(size), test_transform(size)
-    if decode_cache:
-        short, where = resize_size(size), cache_dir_for(source.root)
-        return TorchDatasets(
-            DecodedImageDataset(decode_images(source.train, short, where), source.train.labels,
-                                train_tf),
-            DecodedImageDataset(decode_images(source.test, short, where), source.test.labels,
-                                test_tf),
-            source.class_names)
-    return TorchDatasets(ImageFileDataset(source.train, train_tf),
-                         ImageFileDataset(source.test, test_tf, min_side=resize_size(size)),
+    return TorchDatasets(ImageFileDataset(source.train, train_transform(size)),
+                         ImageFileDataset(source.test, test_transform(size),
+                                          min_side=resize_size(size)),
                          source.class_names)
