@@ -85,6 +85,8 @@ class ConvReLUPool:
     convolution's output height (odd rows/columns are dropped by the pool, as torch).
     """
 
+    channels_last = True
+
     def __init__(self, conv: Conv2D) -> None:
         self.conv = conv
         self.k = conv.kernel_size[0]
