@@ -54,37 +54,109 @@ class Case:
     size: int
     batch: int
     classes: int
+    #: "default" (build_default_cnn), "lab" or "deep" (see NETWORKS)
+    network: str = "default"
 
     @property
     def label(self) -> str:
-        return f"({self.key}) {self.channels}x{self.size}x{self.size}, batch {self.batch}"
+        name = "" if self.network == "default" else f"{self.network} net, "
+        return f"({self.key}) {name}{self.channels}x{self.size}x{self.size}, batch {self.batch}"
 
 
-CASES = [Case("a", 1, 28, 64, 10), Case("b", 3, 64, 32, 196)]
+CASES = [Case("a", 1, 28, 64, 10), Case("b", 3, 64, 32, 196),
+         Case("c", 1, 28, 64, 10, "lab"), Case("d", 3, 32, 64, 10, "deep")]
 #: Target length of one timed block of steps.
 BLOCK_SECONDS = 0.4
 
 
-def build_pair(case: Case, seed: int = 0, fuse: bool = True):
-    """The NumPy default CNN and a torch copy with the same weights, plus one batch."""
+def lab_network(case: Case, rng: np.random.Generator) -> list:
+    """The lab-style network of issue 10: sigmoids, strided convolutions, no pooling."""
+    from labctl.worker.numpy_cnn import Conv2D, Flatten, Linear, ReLU, Sigmoid
+
+    side = (case.size + 1) // 2
+    side = (side + 1) // 2
+    return [Conv2D(case.channels, 16, 5, padding=2, rng=rng), Sigmoid(),
+            Conv2D(16, 32, 3, stride=2, padding=1, rng=rng), Sigmoid(),
+            Conv2D(32, 32, 3, stride=2, padding=1, rng=rng), ReLU(), Flatten(),
+            Linear(32 * side * side, 128, rng=rng), Sigmoid(), Linear(128, case.classes, rng=rng)]
+
+
+def deep_network(case: Case, rng: np.random.Generator) -> list:
+    """Four 3x3 convolutions (32, 32, 64, 64 channels, stride 2 on the 2nd and 4th) with
+    ReLU, then one Linear."""
+    from labctl.worker.numpy_cnn import Conv2D, Flatten, Linear, ReLU
+
+    side = (case.size + 1) // 2
+    side = (side + 1) // 2
+    return [Conv2D(case.channels, 32, 3, padding=1, rng=rng), ReLU(),
+            Conv2D(32, 32, 3, stride=2, padding=1, rng=rng), ReLU(),
+            Conv2D(32, 64, 3, padding=1, rng=rng), ReLU(),
+            Conv2D(64, 64, 3, stride=2, padding=1, rng=rng), ReLU(), Flatten(),
+            Linear(64 * side * side, case.classes, rng=rng)]
+
+
+NETWORKS = {"lab": lab_network, "deep": deep_network}
+
+
+def torch_twin(model):
+    """The same layers as torch modules, with the NumPy network's weights copied in."""
     import torch
     from torch import nn
 
-    from labctl.worker.numpy_cnn import build_default_cnn
+    from labctl.worker.numpy_cnn import Conv2D, Flatten, Linear, MaxPool2D, ReLU, Sigmoid
 
-    ours = build_default_cnn(case.channels, case.size, case.classes, np.random.default_rng(seed),
-                             fuse=fuse)
-    conv1, conv2, lin1, lin2 = (layer for layer in ours.layers if layer.params)
-    theirs = nn.Sequential(
-        nn.Conv2d(case.channels, conv1.out_channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(conv1.out_channels, conv2.out_channels, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(lin1.in_features, lin1.out_features), nn.ReLU(),
-        nn.Linear(lin2.in_features, lin2.out_features))
-    theirs.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in ours.state_dict().items()})
+    def convert(layer):
+        if isinstance(layer, Conv2D):
+            return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                             layer.stride, layer.padding)
+        if isinstance(layer, Linear):
+            return nn.Linear(layer.in_features, layer.out_features)
+        if isinstance(layer, MaxPool2D):
+            return nn.MaxPool2d(layer.kernel_size, layer.stride)
+        return {ReLU: nn.ReLU, Sigmoid: nn.Sigmoid, Flatten: nn.Flatten}[type(layer)]()
+
+    theirs = nn.Sequential(*(convert(layer) for layer in model.layers))
+    theirs.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in model.state_dict().items()})
+    return theirs
+
+
+def build_pair(case: Case, seed: int = 0, fuse: bool = True):
+    """The NumPy network of ``case`` and a torch copy with the same weights, plus one batch."""
+    from labctl.worker.numpy_cnn import Sequential, build_default_cnn
+
+    rng = np.random.default_rng(seed)
+    if case.network == "default":
+        ours = build_default_cnn(case.channels, case.size, case.classes, rng, fuse=fuse)
+    else:
+        ours = Sequential(*NETWORKS[case.network](case, rng), fuse=fuse)
+    theirs = torch_twin(ours)
     rng = np.random.default_rng(seed + 1)
     x = rng.standard_normal((case.batch, case.channels, case.size, case.size)).astype(np.float32)
     y = rng.integers(0, case.classes, case.batch)
     return ours, theirs, x, y
+
+
+def step_flops(model, x: np.ndarray) -> float:
+    """Floating-point operations of one training step's GEMM-shaped work (convolutions and
+    linear layers: forward, weight gradient, input gradient; none for the first layer's
+    input, which neither framework computes). Elementwise work is not counted. Runs the
+    plain layers once for their shapes: pass a model whose caches do not matter."""
+    from labctl.worker.numpy_cnn import Conv2D, Linear
+
+    flops, out, first = 0.0, x, True
+    for layer in model.layers:
+        out = layer.forward(out)
+        if isinstance(layer, Conv2D):
+            kh, kw = layer.kernel_size
+            macs = out.size * layer.in_channels * kh * kw
+        elif isinstance(layer, Linear):
+            macs = out.size * layer.in_features
+        else:
+            macs = 0
+        if macs:
+            flops += 2 * macs * (2 if first else 3)
+            first = False
+    return flops
 
 
 def numpy_step(model, x: np.ndarray, y: np.ndarray) -> Callable[[], float]:
