@@ -16,10 +16,11 @@ The mechanisms are those that made the default network's fused block
   output buffer, and since max commutes with adding a per-channel bias and with any
   non-decreasing activation, bias and activation run *after* pooling, on the pooled data.
   Backward uses the saved (activated) output: ReLU' = out > 0, Sigmoid' = out * (1 - out).
-- **Input gradient as one GEMM** (output gradient x weight matrix transposed) and col2im as
-  kh*kw strided adds of whole (n, Ho, Wo, C) slices; no ``np.add.at``, no per-pixel loop.
-  Max-pool backward likewise routes the gradient with one masked strided add per window
-  offset. The first block of a network skips its input gradient.
+- **Input gradient as a transposed convolution**: one im2col + GEMM per stride phase
+  (one in all for stride 1, see :meth:`ConvBlock._input_grad`), writing the input
+  gradient directly; no col2im scatter-add, no ``np.add.at``. Max-pool backward routes the
+  gradient with one masked strided add per window offset. The first block of a network
+  skips its input gradient.
 """
 
 from __future__ import annotations
@@ -209,6 +210,68 @@ class ConvBlock:
                 g_conv[:, ki:ki + psh * po:psh, kj:kj + psw * qo:psw] += routed
         return g_conv
 
+    def _phase_weights(self, dtype: np.dtype) -> list[tuple[int, int, np.ndarray | None]]:
+        """The transposed convolution split by stride phase (see :meth:`_input_grad`): for
+        each (ry, rx) in [0, sh) x [0, sw), the kernel taps ky = ry + sh*t, kx = rx + sw*u,
+        flipped and as a (Th*Tw*F, C) matrix (None when the phase has no taps)."""
+        weight = self.conv.params["weight"]
+        f, c = weight.shape[:2]
+        (sh, sw) = self.conv.stride
+        phases = []
+        for ry in range(sh):
+            for rx in range(sw):
+                taps = weight[:, :, ry::sh, rx::sw][:, :, ::-1, ::-1]
+                if taps.size == 0:
+                    phases.append((ry, rx, None))
+                    continue
+                phases.append((ry, rx, np.ascontiguousarray(
+                    taps.transpose(2, 3, 0, 1).reshape(-1, c), dtype)))
+        return phases
+
+    def _input_grad(self, g: np.ndarray, phases: list, grad_in: np.ndarray,
+                    size: tuple[int, int]) -> None:
+        """grad_in (n, H, W, C) = the transposed convolution of g (n, Ho, Wo, F).
+
+        Padded input row yp = sh*i + ky gets g[i] * W[ky]; split by phase ry = yp % sh,
+        row yp = sh*v + ry gets sum_t g[v - t] * W[ry + sh*t]: a stride-1 correlation of g
+        with that phase's taps (flipped). So each phase is one im2col copy of the zero-
+        bordered g and one GEMM straight into the input pixels of that phase: all the
+        summing happens inside the GEMM, with no col2im scatter and no zero-stuffed rows.
+        """
+        (kh, kw), (sh, sw), (ph, pw) = self.conv.kernel_size, self.conv.stride, self.conv.padding
+        h, w = size
+        n, out_h, out_w, f = g.shape
+        c = grad_in.shape[3]
+        top, left = -(-kh // sh) - 1, -(-kw // sw) - 1  # zero rows/cols before g
+        rows = top + max(out_h, (h - 1 + ph) // sh + 1)
+        columns = left + max(out_w, (w - 1 + pw) // sw + 1)
+        grown = scratch("g_grown", (n, rows, columns, f), g.dtype, region=(top, left, out_h, out_w))
+        grown[:, top:top + out_h, left:left + out_w] = g
+        s_n, s_h, s_w, s_f = grown.strides
+        for ry, rx, taps in phases:
+            y0, x0 = (ry - ph) % sh, (rx - pw) % sw        # first input pixel of the phase
+            count_y, count_x = len(range(y0, h, sh)), len(range(x0, w, sw))
+            if count_y == 0 or count_x == 0:
+                continue
+            target = grad_in[:, y0::sh, x0::sw]
+            if taps is None:                                # kernel smaller than the stride
+                target[...] = 0
+                continue
+            t_h, t_w = len(range(ry, kh, sh)), len(range(rx, kw, sw))
+            v0, u0 = (y0 + ph - ry) // sh, (x0 + pw - rx) // sw
+            start = (top - t_h + 1 + v0) * s_h + (left - t_w + 1 + u0) * s_w
+            windows = np.ndarray((n, count_y, count_x, t_h, t_w, f), g.dtype, grown, start,
+                                 (s_n, s_h, s_w, s_h, s_w, s_f))
+            cols = scratch("g_cols", windows.shape, g.dtype)
+            np.copyto(cols, windows)
+            flat = cols.reshape(n * count_y * count_x, -1)
+            if sh == sw == 1:
+                np.matmul(flat, taps, out=grad_in.reshape(-1, c))
+            else:
+                part = scratch("g_phase", (n, count_y, count_x, c), g.dtype)
+                np.matmul(flat, taps, out=part.reshape(-1, c))
+                target[...] = part
+
     def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """grad_out: (N, Po, Qo, F) -> grad_in: (N, H, W, C), or None if not ``input_grad``.
         Adds the weight and bias gradients into ``conv.grads``."""
@@ -217,14 +280,13 @@ class ConvBlock:
         x, out, argmax, (out_h, out_w) = self.cache
         n, h, w, c = x.shape
         f = out.shape[3]
-        (kh, kw), (sh, sw), (ph, pw) = self.conv.kernel_size, self.conv.stride, self.conv.padding
+        kh, kw = self.conv.kernel_size
         dtype = out.dtype
         grad_out = np.ascontiguousarray(grad_out, dtype)
-        w_mat = self._weight_matrix(dtype)
         grad_in = np.empty_like(x) if input_grad else None
+        phases = self._phase_weights(dtype) if input_grad else []
 
         def run(part: slice) -> tuple[np.ndarray, np.ndarray]:
-            nc = part.stop - part.start
             g = activation_grad(grad_out[part], out[part], self.activation,
                                 scratch("g_act", out[part].shape, dtype))
             bias_grad = g.reshape(-1, f).sum(axis=0)
@@ -234,15 +296,7 @@ class ConvBlock:
             cols = self._im2col(x, part, out_h, out_w)  # recomputed: cheaper than keeping it
             weight_grad = g_rows.T @ cols                 # (F, kh*kw*C)
             if grad_in is not None:
-                g_cols = scratch("g_cols", (nc, out_h, out_w, kh, kw, c), dtype)
-                np.matmul(g_rows, w_mat.T, out=g_cols.reshape(g_rows.shape[0], -1))
-                g_padded = scratch("g_padded", (nc, h + 2 * ph, w + 2 * pw, c), dtype)
-                g_padded.fill(0)
-                for ki in range(kh):
-                    for kj in range(kw):
-                        g_padded[:, ki:ki + sh * out_h:sh, kj:kj + sw * out_w:sw] += \
-                            g_cols[:, :, :, ki, kj]
-                grad_in[part] = g_padded[:, ph:ph + h, pw:pw + w]
+                self._input_grad(g, phases, grad_in[part], (h, w))
             return weight_grad, bias_grad
 
         chunks = self._chunks(n, out_h * out_w * kh * kw * c * x.itemsize)
