@@ -6,6 +6,9 @@ our Python threads over BLAS held to one thread; torch: ``torch.set_num_threads`
 
     (a) 1x28x28,  batch 64: conv16 -> pool -> conv32 -> pool -> linear128 -> 10
     (b) 3x64x64,  batch 32: conv32 -> pool -> conv64 -> pool -> linear256 -> 196
+    (c) lab-style, 1x28x28, batch 64: conv5x5 16 -> sigmoid -> conv3x3/2 32 -> sigmoid ->
+        conv3x3/2 32 -> relu -> linear128 -> sigmoid -> 10
+    (d) deeper, 3x32x32, batch 64: conv3x3 32, 32/2, 64, 64/2, each with relu -> linear 10
 
 Steps run in alternating *blocks* (NumPy block, torch block, torch block, NumPy block, ...)
 of a few tenths of a second, so load drift on a shared machine hits both alike while each
@@ -237,6 +240,29 @@ def thread_count(threads: int) -> Iterator[None]:
             os.environ["LABCTL_NUMPY_THREADS"] = before_env
 
 
+#: Side of the square float32 GEMM whose throughput is the roofline's 100%.
+MATMUL_SIDE = 512
+
+
+def matmul_gflops(threads: int, budget_s: float) -> float:
+    """This machine's np.matmul float32 throughput (GFLOP/s) on ``threads`` threads, as our
+    layers use it: BLAS on one thread, one independent square GEMM per pool thread; wall
+    time with several threads, the thread's CPU time with one. Median of timed blocks."""
+    from labctl.worker.numpy_cnn.parallel import parallel_map
+
+    a = np.random.default_rng(0).standard_normal((MATMUL_SIDE, MATMUL_SIDE)).astype(np.float32)
+    outs = [np.empty_like(a) for _ in range(threads)]
+
+    def gemms() -> float:
+        parallel_map(lambda out: np.matmul(a, a, out=out), outs)
+        return 0.0
+
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    with thread_count(threads):
+        times = time_blocks({"matmul": gemms}, budget_s, clock)["matmul"]
+    return threads * 2 * MATMUL_SIDE ** 3 / statistics.median(times) / 1e9
+
+
 def compare(case: Case, threads: int, budget_s: float, layer_by_layer: bool = False) -> dict:
     """NumPy vs torch on ``case``: wall time with ``threads`` threads; with one thread, the
     thread's CPU time, which other processes on a shared machine barely disturb.
@@ -264,18 +290,11 @@ def profile_numpy(model, x: np.ndarray, y: np.ndarray, repeats: int) -> list[tup
     """Median CPU milliseconds of each phase of one NumPy training step (run it on one
     thread: the calling thread then does all the work)."""
     from labctl.worker.numpy_cnn import AdaMax, softmax_cross_entropy
-    from labctl.worker.numpy_cnn.fused import ConvReLUPool
+    from labctl.worker.numpy_cnn.layers import Layer
 
     optimizer = AdaMax(model.layers, lr=2e-3)
-    names = []
-    for step in model.steps:
-        if isinstance(step, ConvReLUPool):
-            c = step.conv
-            names.append(f"conv{c.kernel_size[0]}x{c.kernel_size[0]} {c.in_channels}->"
-                         f"{c.out_channels}+relu+pool")
-        else:
-            names.append(type(step).__name__ + (f" {step.in_features}->{step.out_features}"
-                                                if hasattr(step, "in_features") else ""))
+    names = [type(step).__name__ if isinstance(step, Layer) else repr(step)
+             for step in model.steps]
     samples: dict[str, list[float]] = {}
 
     def timed(phase: str, fn, *args, **kwargs):
@@ -284,33 +303,33 @@ def profile_numpy(model, x: np.ndarray, y: np.ndarray, repeats: int) -> list[tup
         samples.setdefault(phase, []).append(time.thread_time() - start)
         return result
 
+    def layout(array: np.ndarray, nhwc: bool) -> np.ndarray:
+        return timed("layout (NCHW<->NHWC)", np.ascontiguousarray,
+                     array.transpose(0, 2, 3, 1) if nhwc else array.transpose(0, 3, 1, 2))
+
     for _ in range(repeats):
         optimizer.zero_grad()
         start = time.thread_time()
         out = x
         channels_last = False
         for name, step in zip(names, model.steps, strict=True):
-            fused = isinstance(step, ConvReLUPool)
-            if fused != channels_last:
-                out = timed("layout (NCHW<->NHWC)", np.ascontiguousarray,
-                            out.transpose(0, 2, 3, 1) if fused else out.transpose(0, 3, 1, 2))
-                channels_last = fused
+            nhwc = getattr(step, "channels_last", False)
+            if nhwc != channels_last:
+                out, channels_last = layout(out, nhwc), nhwc
             out = timed(f"forward  {name}", step.forward, out)
         loss, grad = timed("loss", softmax_cross_entropy, out, y)
         for index in range(len(model.steps) - 1, -1, -1):
             step, name = model.steps[index], names[index]
-            fused = isinstance(step, ConvReLUPool)
-            if fused != channels_last:
-                grad = timed("layout (NCHW<->NHWC)", np.ascontiguousarray,
-                             grad.transpose(0, 2, 3, 1) if fused else grad.transpose(0, 3, 1, 2))
-                channels_last = fused
-            if fused:
-                grad = timed(f"backward {name}", step.backward, grad, input_grad=index > 0)
-            else:
+            nhwc = getattr(step, "channels_last", False)
+            if nhwc != channels_last:
+                grad, channels_last = layout(grad, nhwc), nhwc
+            if isinstance(step, Layer):
                 grad = timed(f"backward {name}", step.backward, grad)
+            else:
+                grad = timed(f"backward {name}", step.backward, grad, input_grad=index > 0)
         timed("AdaMax step", optimizer.step)
         samples.setdefault("total", []).append(time.thread_time() - start)
-    # Layout conversions happen twice per step; report their sum per step.
+    # Layout conversions happen several times per step; report their sum per step.
     return [(phase, statistics.median(values) * 1000 * (len(values) / repeats))
             for phase, values in samples.items()]
 
@@ -344,9 +363,19 @@ def measure(budget_s: float, profile_repeats: int) -> dict:
               "numpy": np.__version__, "torch": torch.__version__,
               "load_before": os.getloadavg()[0], "cases": []}
     for case in CASES:
-        entry = {"case": case.label, "params": build_pair(case)[0].num_parameters(),
-                 "parallel": compare(case, threads, budget_s),
-                 "single": compare(case, 1, budget_s / 2, layer_by_layer=True)}
+        plain, _, x, _ = build_pair(case, fuse=False)
+        entry = {"case": case.label, "params": plain.num_parameters(),
+                 "step_gflop": step_flops(plain, x) / 1e9}
+        # The roofline's GEMM throughput is measured next to each comparison, at its
+        # thread count, so it sees the same load.
+        for key, count, budget, layers in (("parallel", threads, budget_s, False),
+                                           ("single", 1, budget_s / 2, True)):
+            peak = matmul_gflops(count, min(2.0, budget / 4))
+            entry[key] = compare(case, count, budget, layer_by_layer=layers)
+            entry[key]["matmul_gflops"] = peak
+            for name in ("numpy", "torch"):
+                achieved = entry["step_gflop"] / (entry[key][f"{name}_ms"] / 1000)
+                entry[key][f"{name}_roofline"] = achieved / peak
         if profile_repeats:
             ours, theirs, x, y = build_pair(case)
             with thread_count(1):
@@ -390,9 +419,10 @@ def render(main: dict, second: dict | None) -> str:
         f"run. Load average {main['load_before']:.1f} before, {main['load_after']:.1f} after. "
         f"Goal: NumPy <= {GOAL:.2f}x torch's time (stretch {STRETCH:.2f}x).",
         "",
-        f"| case | params | NumPy ms | torch ms | **ratio, {threads} threads (wall)** "
-        "| ratio, 1 thread (CPU time) | same, OPENBLAS_CORETYPE removed | block ratios |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"| case | params | GFLOP/step | NumPy ms | torch ms | **ratio, {threads} threads "
+        "(wall)** | ratio, 1 thread (CPU time) | roofline NumPy / torch, "
+        f"{threads} threads; 1 thread | same, OPENBLAS_CORETYPE removed | block ratios |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for i, case in enumerate(main["cases"]):
         par, one = case["parallel"], case["single"]
@@ -400,14 +430,28 @@ def render(main: dict, second: dict | None) -> str:
         if second:
             o = second["cases"][i]
             other = f"{o['parallel']['ratio']:.2f}x / {o['single']['ratio']:.2f}x"
+        roofline = (f"{par['numpy_roofline']:.0%} / {par['torch_roofline']:.0%}; "
+                    f"{one['numpy_roofline']:.0%} / {one['torch_roofline']:.0%}")
         lines.append(
-            f"| {case['case']} | {case['params']:,} | {par['numpy_ms']:.1f} | "
+            f"| {case['case']} | {case['params']:,} | {case['step_gflop']:.2f} | "
+            f"{par['numpy_ms']:.1f} | "
             f"{par['torch_ms']:.1f} | **{par['ratio']:.2f}x** ({verdict(par['ratio'])}) | "
-            f"{one['ratio']:.2f}x ({one['numpy_ms']:.0f} vs {one['torch_ms']:.0f} ms) | "
+            f"{one['ratio']:.2f}x ({one['numpy_ms']:.0f} vs {one['torch_ms']:.0f} ms, "
+            f"{verdict(one['ratio'])}) | {roofline} | "
             f"{other} | {min(par['block_ratios']):.2f}-{max(par['block_ratios']):.2f} "
             f"({par['blocks']} blocks) |")
-    lines += ["", "Layer by layer (the same NumPy layers without the fused conv+ReLU+pool "
-              "blocks: im2col + GEMM, col2im, max-pool with argmax), one thread, CPU time: "
+    peaks = "; ".join(f"{c['case'].split()[0]} {c['parallel']['matmul_gflops']:.0f} / "
+                      f"{c['single']['matmul_gflops']:.0f}" for c in main["cases"])
+    lines += ["", "GFLOP/step counts the convolutions' and linear layers' multiply-adds (x2) "
+              "in forward, weight gradient and input gradient (none for the first layer's "
+              "input, which neither framework computes); elementwise work is not counted. "
+              "Roofline: GFLOP/step divided by the step's time, as a fraction of np.matmul's "
+              f"float32 throughput on {MATMUL_SIDE}x{MATMUL_SIDE} matrices (one per thread, BLAS "
+              "on one thread, as our layers call it) measured in the same run just before each "
+              f"comparison at the same thread count; GFLOP/s, {threads} threads / 1 thread: "
+              f"{peaks}."]
+    lines += ["", "Layer by layer (the same NumPy layers run one by one without the blocks: "
+              "im2col + GEMM, col2im, max-pool with argmax), one thread, CPU time: "
               + "; ".join(f"{c['case']}: {c['single']['layers_ms']:.0f} ms, "
                           f"{c['single']['layers_ratio']:.2f}x torch" for c in main["cases"])
               + "."]

@@ -97,6 +97,11 @@ class ConvReLUPool:
         self.channel_major = conv.in_channels <= CHANNEL_MAJOR_MAX_CHANNELS
         self.cache: tuple | None = None
 
+    def __repr__(self) -> str:
+        c = self.conv
+        return (f"conv{self.k}x{self.k} {c.in_channels}->{c.out_channels}+relu+pool2x2 "
+                "(fused)")
+
     def _shapes(self, x_shape: tuple[int, ...]) -> tuple[int, int]:
         _, h, w, _ = x_shape
         out_h, out_w = self.conv.output_shape(h, w)
