@@ -33,7 +33,7 @@ POOLS = [None, (2, 2), (3, 2), (2, 1)]
 
 def conv_configs() -> list[dict]:
     """Every kernel size 1/3/5/7 with every stride 1-3; padding runs through 0-3, channels
-    1 and 3, batch 1-3, and each shape is non-square; activations and pools rotate."""
+    1, 3 and 4, batch 1-3, and each shape is non-square; activations and pools rotate."""
     rng = np.random.default_rng(2026)
     configs = []
     for i, (kernel, stride) in enumerate(itertools.product((1, 3, 5, 7), (1, 2, 3))):
@@ -44,7 +44,7 @@ def conv_configs() -> list[dict]:
         h = max(least, 1) + int(rng.integers(1, 5))
         w = h + int(rng.integers(1, 4))                  # never square
         configs.append(dict(kernel=kernel, stride=stride, padding=padding,
-                            channels=(1, 3)[i % 2], batch=(1, 2, 3)[i % 3], size=(h, w),
+                            channels=(1, 3, 4)[i % 3], batch=(1, 2, 3)[i % 3], size=(h, w),
                             filters=2, activation=[None, "relu", "sigmoid"][i % 3], pool=pool))
     return configs
 
@@ -62,7 +62,7 @@ def test_configs_cover_the_issue_grid():
     assert {c["kernel"] for c in CONFIGS} == {1, 3, 5, 7}
     assert {c["stride"] for c in CONFIGS} == {1, 2, 3}
     assert {c["padding"] for c in CONFIGS} == {0, 1, 2, 3}
-    assert {c["channels"] for c in CONFIGS} == {1, 3}
+    assert {c["channels"] for c in CONFIGS} == {1, 3, 4}  # 4: the row-major im2col
     assert 1 in {c["batch"] for c in CONFIGS}
     assert all(c["size"][0] != c["size"][1] for c in CONFIGS)
 

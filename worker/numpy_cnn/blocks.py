@@ -27,12 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from labctl.worker.numpy_cnn.fused import (
-    CHANNEL_MAJOR_MAX_CHANNELS,
-    CHUNK_BYTES,
-    scratch,
-    strided_view,
-)
+from labctl.worker.numpy_cnn.fused import CHUNK_BYTES, scratch, strided_view
 from labctl.worker.numpy_cnn.layers import Conv2D, Layer, Linear, MaxPool2D, ReLU, Sigmoid
 from labctl.worker.numpy_cnn.parallel import (
     num_threads,
@@ -42,6 +37,9 @@ from labctl.worker.numpy_cnn.parallel import (
 )
 
 ACTIVATIONS = (ReLU, Sigmoid)
+#: Blocks with at most this many input channels build im2col transposed (see _im2col).
+#: Measured on case (d)'s 3->32 first block: 10-20% faster forward, backward no slower.
+CHANNEL_MAJOR_MAX_CHANNELS = 3
 
 
 def activation_name(layer: Layer | None) -> str | None:
@@ -130,7 +128,7 @@ class ConvBlock:
 
         With few input channels it is the transpose of a contiguous (kh*kw*C, n*Ho*Wo)
         buffer: the copy then runs along image rows instead of kw*C-float snippets, and
-        BLAS takes the transposed operand as it is (the fused block measured 1.5x)."""
+        BLAS takes the transposed operand as it is."""
         xc = x[part]
         n, h, w, c = xc.shape
         (kh, kw), (sh, sw), (ph, pw) = self.conv.kernel_size, self.conv.stride, self.conv.padding
