@@ -31,7 +31,9 @@ def fake_timings(bench_modules, monkeypatch):
     calls = {"cnn": []}
     # (NumPy ms, torch ms) per case, and per thread count (2 = all threads, 1 = one)
     timings = {("a", 2): (20.0, 10.0), ("a", 1): (30.0, 40.0),
-               ("b", 2): (300.0, 400.0), ("b", 1): (500.0, 500.0)}
+               ("b", 2): (300.0, 400.0), ("b", 1): (500.0, 500.0),
+               ("c", 2): (45.0, 50.0), ("c", 1): (60.0, 80.0),
+               ("d", 2): (100.0, 125.0), ("d", 1): (150.0, 200.0)}
 
     def cnn_compare(case, threads, budget_s):
         calls["cnn"].append((case.key, threads, budget_s))
@@ -62,10 +64,14 @@ def test_table_has_the_ratios(fake_timings):
     assert "1 thread (CPU time)" in cnn_a[3] and "0.75x NumPy" in cnn_a[3]
     cnn_b = [line for line in lines if "(b)" in line]
     assert "0.75x NumPy" in cnn_b[1] and "1.00x NumPy" in cnn_b[3]
+    cnn_c = [line for line in lines if "(c) lab net" in line]
+    assert len(cnn_c) == 4 and "0.90x NumPy" in cnn_c[1] and "0.75x NumPy" in cnn_c[3]
+    cnn_d = [line for line in lines if "(d) deep net" in line]
+    assert len(cnn_d) == 4 and "0.80x NumPy" in cnn_d[1]
     resnet = [line for line in lines if line.startswith("ResNet50")]
     assert "0.80x torchvision" in resnet[0] and "2000.0" in resnet[0]  # 8 images at 4 img/s
     # --quick asks the modules for the small sizes
-    assert fake_timings["cnn"] == [("a", 2, 2.0), ("a", 1, 2.0), ("b", 2, 2.0), ("b", 1, 2.0)]
+    assert fake_timings["cnn"] == [(key, threads, 2.0) for key in "abcd" for threads in (2, 1)]
     assert fake_timings["resnet"] == (8, 64, 2, 1)
 
 

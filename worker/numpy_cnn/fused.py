@@ -85,6 +85,8 @@ class ConvReLUPool:
     convolution's output height (odd rows/columns are dropped by the pool, as torch).
     """
 
+    channels_last = True
+
     def __init__(self, conv: Conv2D) -> None:
         self.conv = conv
         self.k = conv.kernel_size[0]
@@ -94,6 +96,11 @@ class ConvReLUPool:
         # faster for 1x28x28 -> 16, even for 1x64x64 -> 32, slower for C = 3 and beyond.
         self.channel_major = conv.in_channels <= CHANNEL_MAJOR_MAX_CHANNELS
         self.cache: tuple | None = None
+
+    def __repr__(self) -> str:
+        c = self.conv
+        return (f"conv{self.k}x{self.k} {c.in_channels}->{c.out_channels}+relu+pool2x2 "
+                "(fused)")
 
     def _shapes(self, x_shape: tuple[int, ...]) -> tuple[int, int]:
         _, h, w, _ = x_shape

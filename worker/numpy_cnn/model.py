@@ -12,8 +12,13 @@ The default network (:func:`build_default_cnn`), for an input of C channels and 
 Sizes halve with floor division, as torch. Weights use He (Kaiming) normal initialisation
 from the numpy Generator passed in, biases start at zero. Parameter names follow a torch
 ``nn.Sequential`` of the same layers ("0.weight", "3.weight", "7.weight", "9.weight"), so a
-torch model's ``state_dict`` loads directly. Each conv -> ReLU -> pool triple runs as one
-fused, threaded block (:mod:`worker.numpy_cnn.fused`); ``fuse=False`` runs layer by layer.
+torch model's ``state_dict`` loads directly.
+
+Any network :class:`Sequential` composes runs on the fast path: each Conv2D with the
+activation (ReLU/Sigmoid) and MaxPool2D right after it is one threaded block on NHWC arrays
+(:class:`blocks.ConvBlock`; the default network's stride-1 conv -> ReLU -> 2x2 pool triples
+use the tuned :class:`fused.ConvReLUPool`), each Linear with its activation one
+:class:`blocks.DenseBlock`; ``fuse=False`` runs the plain layers one by one.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from typing import BinaryIO
 
 import numpy as np
 
+from labctl.worker.numpy_cnn.blocks import ACTIVATIONS, ConvBlock, DenseBlock
 from labctl.worker.numpy_cnn.fused import ConvReLUPool, fusable
 from labctl.worker.numpy_cnn.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, _pair
+
+Block = ConvBlock | ConvReLUPool | DenseBlock
 
 
 def _to_nhwc(x: np.ndarray) -> np.ndarray:
@@ -38,26 +46,18 @@ def _to_nchw(x: np.ndarray) -> np.ndarray:
 class Sequential:
     """Layers applied in order. forward x: (N, C, H, W) (or (N, D)) -> the last layer's output.
 
-    ``layers`` is the public list of per-layer objects; ``fuse=True`` runs every fusable
-    conv -> ReLU -> 2x2 pool triple as a :class:`ConvReLUPool` block over the same parameters.
+    ``layers`` is the public list of per-layer objects; ``fuse=True`` groups them into
+    blocks over the same parameters (:func:`plan_steps`).
     """
 
     def __init__(self, *layers: Layer, fuse: bool = True) -> None:
         self.layers = list(layers)
         self.fuse = fuse
-        self._steps: list[Layer | ConvReLUPool] = []
-        i = 0
-        while i < len(self.layers):
-            if fuse and i + 2 < len(self.layers) and fusable(*self.layers[i:i + 3]):
-                self._steps.append(ConvReLUPool(self.layers[i]))
-                i += 3
-            else:
-                self._steps.append(self.layers[i])
-                i += 1
+        self._steps = plan_steps(self.layers) if fuse else list(self.layers)
 
     @property
-    def steps(self) -> list[Layer | ConvReLUPool]:
-        """What forward runs, in order: fused blocks and the remaining plain layers."""
+    def steps(self) -> list[Layer | Block]:
+        """What forward runs, in order: blocks and the remaining plain layers."""
         return list(self._steps)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -68,13 +68,13 @@ class Sequential:
         skips what backward needs and leaves the last training forward's caches intact."""
         # Plain layers always cache; an evaluation forward puts their caches back after.
         saved = None if train else [layer.cache for layer in self.layers]
-        channels_last = False  # fused blocks run on NHWC; other layers on NCHW
+        channels_last = False  # conv blocks run on NHWC; other steps on NCHW
         for step in self._steps:
-            fused = isinstance(step, ConvReLUPool)
-            if fused != channels_last:
-                x = _to_nhwc(x) if fused else _to_nchw(x)
-                channels_last = fused
-            x = step.forward(x, train) if fused else step.forward(x)
+            wants_nhwc = getattr(step, "channels_last", False)
+            if wants_nhwc != channels_last:
+                x = _to_nhwc(x) if wants_nhwc else _to_nchw(x)
+                channels_last = wants_nhwc
+            x = step.forward(x) if isinstance(step, Layer) else step.forward(x, train)
         if saved is not None:
             for layer, cache in zip(self.layers, saved, strict=True):
                 layer.cache = cache
@@ -82,22 +82,22 @@ class Sequential:
 
     def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """grad_out: d loss / d output, shaped like forward's output (e.g. (N, K) logits) ->
-        (N, C, H, W) d loss / d input (None if not ``input_grad``, which lets a first fused
+        (N, C, H, W) d loss / d input (None if not ``input_grad``, which lets a first
         block skip its input gradient). Adds into every layer's grads."""
         grad = grad_out
         channels_last = False  # forward returned NCHW
         for index in range(len(self._steps) - 1, -1, -1):
             step = self._steps[index]
-            fused = isinstance(step, ConvReLUPool)
-            if fused != channels_last:
-                grad = _to_nhwc(grad) if fused else _to_nchw(grad)
-                channels_last = fused
-            if fused:
+            wants_nhwc = getattr(step, "channels_last", False)
+            if wants_nhwc != channels_last:
+                grad = _to_nhwc(grad) if wants_nhwc else _to_nchw(grad)
+                channels_last = wants_nhwc
+            if isinstance(step, Layer):
+                grad = step.backward(grad)
+            else:
                 grad = step.backward(grad, input_grad=input_grad or index > 0)
                 if grad is None:
                     return None
-            else:
-                grad = step.backward(grad)
         return _to_nchw(grad) if channels_last else grad
 
     def zero_grad(self) -> None:
@@ -143,6 +143,34 @@ class Sequential:
     def __repr__(self) -> str:
         lines = [f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers)]
         return "Sequential(\n" + "\n".join(lines) + f"\n)  # {self.num_parameters():,} parameters"
+
+
+def plan_steps(layers: list[Layer]) -> list[Layer | Block]:
+    """Group layers into blocks: Conv2D [+ ReLU | Sigmoid] [+ MaxPool2D] into a conv block,
+    Linear [+ ReLU | Sigmoid] into a dense block; any other layer runs as itself."""
+    steps: list[Layer | Block] = []
+    i = 0
+    while i < len(layers):
+        layer, j = layers[i], i + 1
+        activation = None
+        if isinstance(layer, Conv2D | Linear) and j < len(layers) \
+                and isinstance(layers[j], ACTIVATIONS):
+            activation, j = layers[j], j + 1
+        if isinstance(layer, Conv2D):
+            pool = None
+            if j < len(layers) and isinstance(layers[j], MaxPool2D):
+                pool, j = layers[j], j + 1
+            if isinstance(activation, ReLU) and pool is not None \
+                    and fusable(layer, activation, pool):
+                steps.append(ConvReLUPool(layer))
+            else:
+                steps.append(ConvBlock(layer, activation, pool))
+        elif isinstance(layer, Linear):
+            steps.append(DenseBlock(layer, activation))
+        else:
+            steps.append(layer)
+        i = j
+    return steps
 
 
 def default_widths(in_channels: int, height: int, width: int) -> tuple[int, int, int]:
