@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     keep_checkpoint: bool = Field(
         False, description="Keep a succeeded job's resumable checkpoint (to train it further "
                            "with run --resume --epochs N); by default only model.* stays.")
+    distributed_timeout_seconds: float = Field(
+        300.0, gt=0, description="How long a data-parallel rank waits on its peers in one "
+        "collective before it fails (a hung peer must not hang the job).")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker /metrics port.")
     # TLS, for rediss:// URLs only (shared/redis_tls.py). The URL's ssl_* parameters win.
     redis_tls_ca: str | None = Field(None, description="CA file that signed Redis' certificate.")
