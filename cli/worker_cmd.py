@@ -50,13 +50,18 @@ def parse_queues(value: str) -> str:
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 @click.option("--hostname", "-n", default="labctl@%h", show_default=True,
               help="node name (%h: this host); must be unique among running workers")
+@click.option("--gpus", default=None, metavar="0,1,...", envvar="LABCTL_GPUS",
+              help="GPUs this worker gives its jobs: a --devices N job runs one rank on "
+                   "each of the first N (sets CUDA_VISIBLE_DEVICES) [$LABCTL_GPUS]")
 def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: str,
-           hostname: str) -> None:
+           hostname: str, gpus: str | None) -> None:
     """Run a worker in the foreground until Ctrl-C / SIGTERM.
 
     On SIGTERM the running job stops at its next batch and goes back to the queue; it
     resumes from its last epoch checkpoint on the next free worker.
     """
+    if gpus is not None:
+        use_gpus(gpus, concurrency)
     if metrics_port is None:
         metrics_port = get_settings().metrics_port
     if metrics_port:  # 0 picks free ports; None serves none
@@ -67,6 +72,23 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
         run_solo_worker(queues, metrics_port, loglevel, hostname)
     else:
         sys.exit(supervise(queues, concurrency, metrics_port, loglevel, hostname))
+
+
+def use_gpus(value: str, concurrency: int) -> None:
+    """Give this worker (and so each job it runs) the GPUs listed, before anything in the
+    process can initialise CUDA. One worker owns them all: a data-parallel job needs them
+    in one place, so --concurrency N would split what --gpus joins."""
+    from labctl.worker.capacity import GPUS_ENV, parse_gpus
+
+    try:
+        listed = parse_gpus(value)
+    except ValueError as exc:
+        raise BadSpec(f"--gpus: {exc}") from None
+    if concurrency > 1:
+        raise BadSpec("--gpus gives one worker several GPUs; use it with --concurrency 1 "
+                      "(or one worker per GPU: --concurrency N without --gpus)")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in listed)
+    os.environ[GPUS_ENV] = os.environ["CUDA_VISIBLE_DEVICES"]
 
 
 def check_port_free(port: int) -> None:

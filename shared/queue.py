@@ -27,6 +27,29 @@ def route_for(spec: JobSpec) -> str:
     return "gpu"
 
 
+def device_kind(spec: JobSpec, queue: str) -> str:
+    """Which capacity a job's ranks use: ``gpus`` on the gpu queue unless it asked for the
+    CPU, ``cpus`` otherwise (one gloo process per rank)."""
+    return "gpus" if queue == "gpu" and spec.device != "cpu" else "cpus"
+
+
+def capacity_problem(spec: JobSpec, queue: str, workers: list[dict[str, Any]]) -> str | None:
+    """Why no live worker of ``queue`` could run ``spec``, or None. Only judged when every
+    worker of the queue announced its capacity: an unknown or absent worker may still fit
+    (the worker then checks when the job arrives)."""
+    if spec.devices <= 1:
+        return None
+    kind = device_kind(spec, queue)
+    listening = [w for w in workers if queue in w.get("queues", ())]
+    if not listening or any(not isinstance(w.get(kind), int) for w in listening):
+        return None
+    most = max(w[kind] for w in listening)
+    if spec.devices <= most:
+        return None
+    return (f"devices: {spec.devices} requested, but the live workers of the {queue} queue "
+            f"have at most {most} {kind[:-1].upper()}s each (a job runs on one worker)")
+
+
 def submit_job(spec: JobSpec, *, records: JobRecords | None = None, app: Any = None,
                queue: str | None = None, job_id: str | None = None) -> str:
     """Queue ``spec`` and return its job id.

@@ -13,7 +13,7 @@ Other keys:
 - ``labctl:job:<id>:lease``     the owner's liveness lease; it expires ``heartbeat_timeout``
                                 after the last heartbeat, measured by Redis' clock alone
 - ``labctl:job:<id>:log``       list of epoch lines (``labctl logs``, no shared volume needed)
-- ``labctl:worker:<name>``      a live worker's queues (expires unless renewed)
+- ``labctl:worker:<name>``      a live worker's queues and devices (expires unless renewed)
 
 This module is the storage: how each step is made atomic. When a step is taken, and what
 follows from it in the job folder, is decided by ``shared.lifecycle``, the only caller of
@@ -402,11 +402,13 @@ class JobRecords:
 
     # --- workers ------------------------------------------------------------------------
 
-    def announce_worker(self, name: str, queues: Iterable[str], ttl_seconds: float) -> None:
-        """``name`` takes jobs from ``queues``; it says so again before ``ttl_seconds``."""
+    def announce_worker(self, name: str, queues: Iterable[str], ttl_seconds: float,
+                        capacity: dict[str, int] | None = None) -> None:
+        """``name`` takes jobs from ``queues`` and can give a job ``capacity`` (``gpus``,
+        ``cpus``); it says so again before ``ttl_seconds``."""
         self.client.set(f"{WORKER_KEY_PREFIX}{name}",
                         json.dumps({"name": name, "queues": sorted(queues),
-                                    "seen_at": utc_now()}),
+                                    "seen_at": utc_now(), **(capacity or {})}),
                         px=int(ttl_seconds * 1000))
 
     def live_workers(self) -> list[dict[str, Any]]:
