@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) -m labctl.bench.numpy_vs_torch
 	$(PY) -m labctl.bench.resnet_throughput
 	$(PY) -m labctl.bench.queue_latency
+	$(PY) -m labctl.bench.ddp_throughput
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cli worker shared tests bench

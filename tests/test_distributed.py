@@ -111,7 +111,9 @@ def test_two_gloo_ranks_train_like_one_device_and_resume_on_one(tmp_path):
 # --- through the queue -----------------------------------------------------------------------
 
 
-def worker_env(tmp_path: Path, *, artifacts: str = "artifacts", timeout: float = 5) -> dict:
+def worker_env(tmp_path: Path, *, artifacts: str = "artifacts", timeout: float = 20) -> dict:
+    """``timeout``: the lease. Long by default: a worker importing torch on a loaded machine
+    (its C extension holds the GIL for seconds) must not lose its first job's lease."""
     (tmp_path / "data").mkdir(exist_ok=True)
     return {"LABCTL_ARTIFACTS_DIR": str(tmp_path / artifacts),
             "LABCTL_DATA_DIR": str(tmp_path / "data"),

@@ -1,0 +1,102 @@
+"""Data parallel on this CPU: 2 gloo ranks against 1 process, the same global batch.
+
+Both train our ResNet50 through the engines a job uses (``TorchEngine`` for one device,
+``DistributedEngine`` for ``--devices 2``) on synthetic images; the speed is the training
+images/s of the second epoch (the first warms the allocator and the caches), summed over
+the ranks as a job's metrics report it. Start-up (spawning the ranks, importing torch in
+each) is left out: a job pays it once.
+
+On a CPU this is a correctness path, not a speed-up: the two ranks split the same cores
+the single process uses, and each step adds an all-reduce of ResNet50's 25.6M gradients
+through gloo. It exists so that the DDP code paths run and are tested without a GPU; on
+GPUs (NCCL, one GPU per rank) ``scripts/gpu-check`` measures the scaling.
+
+    python -m labctl.bench.ddp_throughput            # ~2 minutes on 2 cores; updates the docs
+    python -m labctl.bench.ddp_throughput --no-write --images 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+
+from labctl.bench.docs_page import BENCHMARKS_PAGE, write_section
+from labctl.shared.spec import build_spec
+
+DOC = BENCHMARKS_PAGE
+SECTION = "ddp"
+
+
+def spec_for(devices: int, images: int, batch: int, size: int):
+    return build_spec({"model": "resnet50", "dataset": "synthetic", "image_size": size,
+                       "limit_train": images, "limit_test": batch, "batch_size": batch,
+                       "epochs": 2, "num_workers": 0, "device": "cpu", "devices": devices,
+                       "lr_schedule": "constant"})
+
+
+def images_per_second(devices: int, images: int, batch: int, size: int) -> float:
+    spec = spec_for(devices, images, batch, size)
+    if devices == 1:
+        from labctl.worker.torch_engine import TorchEngine
+
+        engine = TorchEngine(spec)
+        close = None
+    else:
+        from labctl.worker.ddp_launcher import DistributedEngine
+
+        engine = DistributedEngine(spec)
+        close = engine.close
+    try:
+        engine.train_one_epoch(1, lambda batch, batches: None)  # warm-up
+        result = engine.train_one_epoch(2, lambda batch, batches: None)
+    finally:
+        if close is not None:
+            close()
+    return result.images / result.seconds
+
+
+def render(one: float, two: float, images: int, batch: int, size: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    return "\n".join([
+        "## Data parallel on the CPU: 2 gloo ranks vs 1 process",
+        "",
+        f"`python -m labctl.bench.ddp_throughput`: ResNet50 training on {images} synthetic "
+        f"images at {size}x{size}, global batch {batch} (2 ranks: {batch // 2} each), "
+        f"{os.cpu_count()} cores on {cpu}, torch {torch.__version__}; images/s of the "
+        "second epoch, summed over the ranks.",
+        "",
+        "| set-up | images/s | vs 1 process |",
+        "| --- | ---: | ---: |",
+        f"| 1 process, all cores | {one:.1f} | 1.00 |",
+        f"| 2 gloo ranks, half the cores each | {two:.1f} | {two / one:.2f} |",
+        "",
+        "A correctness path, not a speed-up: on one CPU the ranks share the cores the single "
+        "process had, and every step adds a gloo all-reduce of 25.6M gradients. "
+        "`--devices N` pays off on N GPUs (NCCL); `scripts/gpu-check` measures that.",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave the docs")
+    args = parser.parse_args(argv)
+    one = images_per_second(1, args.images, args.batch, args.size)
+    print(f"1 process: {one:.1f} img/s", flush=True)
+    two = images_per_second(2, args.images, args.batch, args.size)
+    print(f"2 gloo ranks: {two:.1f} img/s", flush=True)
+    table = render(one, two, args.images, args.batch, args.size)
+    print(table)
+    if not args.no_write:
+        write_section(DOC, SECTION, table)
+        print(f"wrote the {SECTION} section of {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
