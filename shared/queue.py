@@ -27,10 +27,15 @@ def route_for(spec: JobSpec) -> str:
     return "gpu"
 
 
-def device_kind(spec: JobSpec, queue: str) -> str:
-    """Which capacity a job's ranks use: ``gpus`` on the gpu queue unless it asked for the
-    CPU, ``cpus`` otherwise (one gloo process per rank)."""
-    return "gpus" if queue == "gpu" and spec.device != "cpu" else "cpus"
+def usable_devices(device: str, capacity: dict[str, Any]) -> tuple[int | None, str]:
+    """How many ranks a worker of ``capacity`` (its announced ``gpus`` and ``cpus``) can
+    give a job on ``device``, and what they are: GPUs for cuda, CPU processes for cpu, and
+    for auto whichever the job would get there (its GPUs if it has any). None: unknown
+    (a worker that announced no capacity)."""
+    gpus, cpus = capacity.get("gpus"), capacity.get("cpus")
+    if device == "cpu" or (device == "auto" and gpus == 0):
+        return (cpus if isinstance(cpus, int) else None), "CPUs"
+    return (gpus if isinstance(gpus, int) else None), "GPUs"
 
 
 def capacity_problem(spec: JobSpec, queue: str, workers: list[dict[str, Any]]) -> str | None:
@@ -39,15 +44,15 @@ def capacity_problem(spec: JobSpec, queue: str, workers: list[dict[str, Any]]) -
     (the worker then checks when the job arrives)."""
     if spec.devices <= 1:
         return None
-    kind = device_kind(spec, queue)
     listening = [w for w in workers if queue in w.get("queues", ())]
-    if not listening or any(not isinstance(w.get(kind), int) for w in listening):
+    usable = [usable_devices(spec.device, w) for w in listening]
+    if not usable or any(count is None for count, _ in usable):
         return None
-    most = max(w[kind] for w in listening)
+    most, kind = max(usable, key=lambda pair: pair[0])
     if spec.devices <= most:
         return None
     return (f"devices: {spec.devices} requested, but the live workers of the {queue} queue "
-            f"have at most {most} {kind[:-1].upper()}s each (a job runs on one worker)")
+            f"have at most {most} {kind} each (a job runs on one worker)")
 
 
 def submit_job(spec: JobSpec, *, records: JobRecords | None = None, app: Any = None,

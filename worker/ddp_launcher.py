@@ -145,7 +145,9 @@ class DistributedEngine:
         self._call("save_weights", Path(path))
 
     def close(self) -> None:
-        """End the ranks (idempotent): a clean exit if they are idle, else a kill."""
+        """End the ranks (idempotent): a clean exit if they are idle, at their next batch
+        if they still train (an interrupt that came between two batches), else a kill."""
+        self.stop.set()
         for conn, process in zip(self.conns, self.ranks, strict=True):
             if process.is_alive():
                 try:

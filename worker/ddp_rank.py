@@ -184,12 +184,12 @@ def rank_main(rank: int, world: int, spec_values: dict[str, Any], address: str, 
     # Ctrl-C reaches the whole foreground process group: only the parent acts on it, and
     # relays the stop through the event.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    spec = build_spec(spec_values)
-    if rank_device(spec, rank).type == "cpu":
-        # The ranks share the host's cores; more threads than that only contend.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
+        spec = build_spec(spec_values)
         device = rank_device(spec, rank)
+        if device.type == "cpu":
+            # The ranks share the host's cores; more threads than that only contend.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", init_method=address, rank=rank,
             world_size=world,

@@ -19,6 +19,7 @@ from labctl.shared import lifecycle
 from labctl.shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
 from labctl.shared.jobstate import JobState
 from labctl.shared.lifecycle import Claim
+from labctl.shared.queue import usable_devices
 from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
@@ -116,14 +117,12 @@ def _fail_before_running(records: JobRecords, job_id: str, owner: str, error: st
 def check_capacity(spec: JobSpec, hostname: str) -> None:
     """A job asking for more ranks than this worker has devices fails with the reason,
     rather than waiting for GPUs that will never appear. Raises :class:`SpecError`."""
-    capacity = worker_capacity()
-    kind = "gpus" if spec.device.startswith("cuda") or (
-        spec.device == "auto" and capacity["gpus"] > 0) else "cpus"
-    if spec.devices > capacity[kind]:
+    count, kind = usable_devices(spec.device, worker_capacity())
+    if count is not None and spec.devices > count:
         raise SpecError("devices", f"{spec.devices} requested but worker {hostname} has "
-                        f"{capacity[kind]} {kind[:-1].upper()}s"
+                        f"{count} {kind}"
                         + (" (labctl worker --gpus 0,1,... gives it more)"
-                           if kind == "gpus" else ""))
+                           if kind == "GPUs" else ""))
 
 
 def missing_checkpoint(record: dict[str, Any], store: ArtifactStore, job_id: str,
