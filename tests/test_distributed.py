@@ -267,3 +267,25 @@ def test_a_job_asking_for_more_devices_than_any_worker_has_is_refused(redis_serv
 def spec_flags(values: dict) -> list[str]:
     return [item for key, value in values.items()
             for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def test_submit_judges_capacity_only_when_every_worker_of_the_queue_announced_it():
+    from labctl.shared.queue import capacity_problem
+
+    spec = build_spec({**RESNET, "devices": 4})  # device cpu: the cpu queue
+    small = {"name": "a", "queues": ["cpu"], "gpus": 0, "cpus": 2}
+    big = {"name": "b", "queues": ["cpu"], "gpus": 0, "cpus": 8}
+    elsewhere = {"name": "c", "queues": ["gpu"], "gpus": 8, "cpus": 64}
+    older = {"name": "d", "queues": ["cpu"]}  # a worker that announces no capacity
+    assert capacity_problem(spec, "cpu", [small, elsewhere]).startswith(
+        "devices: 4 requested, but the live workers of the cpu queue have at most 2 CPUs")
+    assert capacity_problem(spec, "cpu", [small, big]) is None
+    assert capacity_problem(spec, "cpu", [small, older]) is None
+    assert capacity_problem(spec, "cpu", []) is None  # none yet: it may come
+    gpu_spec = build_spec({**RESNET, "device": "cuda", "devices": 4})
+    assert "at most 2 GPUs" in capacity_problem(
+        gpu_spec, "gpu", [{"name": "e", "queues": ["gpu"], "gpus": 2, "cpus": 64}])
+    # auto takes a worker's GPUs if it has any, else its CPUs.
+    auto = build_spec({**RESNET, "device": "auto", "devices": 4})
+    assert capacity_problem(auto, "gpu", [{"name": "f", "queues": ["gpu"], "gpus": 0,
+                                           "cpus": 4}]) is None
