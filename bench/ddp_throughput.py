@@ -13,6 +13,8 @@ GPUs (NCCL, one GPU per rank) ``scripts/gpu-check`` measures the scaling.
 
     python -m labctl.bench.ddp_throughput            # ~2 minutes on 2 cores; updates the docs
     python -m labctl.bench.ddp_throughput --no-write --images 64
+    python -m labctl.bench.ddp_throughput --device cuda --no-write   # scripts/gpu-check:
+        # 1..N NCCL ranks (one per visible GPU), each through DDP, the same global batch
 """
 
 from __future__ import annotations
@@ -30,16 +32,18 @@ DOC = BENCHMARKS_PAGE
 SECTION = "ddp"
 
 
-def spec_for(devices: int, images: int, batch: int, size: int):
+def spec_for(devices: int, images: int, batch: int, size: int, device: str = "cpu"):
     return build_spec({"model": "resnet50", "dataset": "synthetic", "image_size": size,
                        "limit_train": images, "limit_test": batch, "batch_size": batch,
-                       "epochs": 2, "num_workers": 0, "device": "cpu", "devices": devices,
-                       "lr_schedule": "constant"})
+                       "epochs": 2, "num_workers": 0, "device": device, "devices": devices,
+                       "lr_schedule": "constant", "amp": device == "cuda"})
 
 
-def images_per_second(devices: int, images: int, batch: int, size: int) -> float:
-    spec = spec_for(devices, images, batch, size)
-    if devices == 1:
+def images_per_second(devices: int, images: int, batch: int, size: int,
+                      device: str = "cpu", ddp: bool = False) -> float:
+    """``ddp``: one rank goes through DDP too (NCCL's 1-rank baseline on one GPU)."""
+    spec = spec_for(devices, images, batch, size, device)
+    if devices == 1 and not ddp:
         from labctl.worker.torch_engine import TorchEngine
 
         engine = TorchEngine(spec)
@@ -79,13 +83,34 @@ def render(one: float, two: float, images: int, batch: int, size: int) -> str:
     ])
 
 
+def cuda_scaling(images: int, batch: int, size: int) -> int:
+    """Training images/s of 1..N NCCL ranks (all through DDP), the same global batch."""
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        print("no CUDA device: nothing to measure")
+        return 1
+    print("| ranks (GPUs) | images/s | vs 1 rank |\n| ---: | ---: | ---: |")
+    base = None
+    for ranks in range(1, gpus + 1):
+        if batch % ranks:
+            continue
+        speed = images_per_second(ranks, images, batch, size, "cuda", ddp=True)
+        base = base or speed
+        print(f"| {ranks} | {speed:.0f} | {speed / base:.2f} |", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--no-write", action="store_true", help="print only; leave the docs")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: NCCL ranks on 1..N visible GPUs, printed only")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return cuda_scaling(args.images, args.batch, args.size)
     one = images_per_second(1, args.images, args.batch, args.size)
     print(f"1 process: {one:.1f} img/s", flush=True)
     two = images_per_second(2, args.images, args.batch, args.size)

@@ -70,7 +70,7 @@ def test_a_spec_that_cannot_run_data_parallel_is_one_line_and_exit_2(tmp_path, f
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_train_like_one_device_and_resume_on_one(tmp_path):
+def test_two_gloo_ranks_train_like_one_device_and_resume_on_one(tmp_path, torch_one_thread):
     store = ArtifactStore(tmp_path)
     # An odd test split: DistributedSampler would pad it with a repeated image.
     spec = dict(RESNET, limit_train=192, limit_test=101, epochs=3)
@@ -289,3 +289,25 @@ def test_submit_judges_capacity_only_when_every_worker_of_the_queue_announced_it
     auto = build_spec({**RESNET, "device": "auto", "devices": 4})
     assert capacity_problem(auto, "gpu", [{"name": "f", "queues": ["gpu"], "gpus": 0,
                                            "cpus": 4}]) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_nccl_ranks_train_and_evaluate_the_whole_test_split():
+    """scripts/gpu-check: as many NCCL ranks as visible GPUs (one is DDP's 1-rank path)."""
+    import torch
+
+    from labctl.worker.ddp_launcher import DistributedEngine
+
+    ranks = torch.cuda.device_count()
+    engine = DistributedEngine(build_spec({**RESNET, "device": "cuda", "devices": ranks,
+                                           "batch_size": 16 * ranks, "limit_train": 256,
+                                           "limit_test": 101, "epochs": 1, "amp": True}))
+    try:
+        trained = engine.train_one_epoch(1, lambda batch, batches: None)
+        evaluated = engine.evaluate()
+    finally:
+        engine.close()
+    assert trained.images == 256 and np.isfinite(trained.loss)
+    assert len(evaluated.y_true) == 101  # every test image once, whatever the rank count
+    assert all(not pid_alive(pid) for pid in engine.pids)
