@@ -311,3 +311,16 @@ def test_nccl_ranks_train_and_evaluate_the_whole_test_split():
     assert trained.images == 256 and np.isfinite(trained.loss)
     assert len(evaluated.y_true) == 101  # every test image once, whatever the rank count
     assert all(not pid_alive(pid) for pid in engine.pids)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--gpus", "a,b"], "labctl: --gpus: expected GPU indices such as 0,1,2,3, got 'a,b'"),
+    (["--gpus", "0,0"], "labctl: --gpus: GPU listed twice in '0,0'"),
+    (["--gpus", "0,1", "--concurrency", "2"],
+     "labctl: --gpus gives one worker several GPUs; use it with --concurrency 1 (or one "
+     "worker per GPU: --concurrency N without --gpus)"),
+])
+def test_worker_gpus_that_cannot_work_are_one_line_and_exit_2(flags, message):
+    result = CliRunner().invoke(cli, ["worker", *flags])
+    assert result.exit_code == 2 and result.stderr.strip() == message
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] != "0,1"
