@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) -m labctl.bench.resnet_throughput
 	$(PY) -m labctl.bench.queue_latency
 	$(PY) -m labctl.bench.data_path
+	$(PY) -m labctl.bench.ddp_throughput
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cli worker shared tests bench

@@ -94,13 +94,17 @@ def get_record(records: JobRecords, job_id: str) -> dict[str, Any]:
 
 def submit_or_exit(spec, records: JobRecords, job_id: str | None = None) -> str:
     """Queue ``spec`` (as ``job_id`` if given) and return its job id; an unreachable broker
-    exits 69, any other refusal exits 1, each with one line."""
+    exits 69, a job no live worker has the devices for exits 2, any other refusal exits 1,
+    each with one line."""
     from kombu.exceptions import OperationalError
 
-    from labctl.shared.queue import SubmitError, submit_job
+    from labctl.shared.queue import SubmitError, capacity_problem, route_for, submit_job
 
     try:
         with broker_errors():
+            if spec.devices > 1 and (problem := capacity_problem(
+                    spec, route_for(spec), records.live_workers())):
+                raise BadSpec(problem)
             return submit_job(spec, records=records, job_id=job_id)
     except SubmitError as exc:
         if isinstance(exc.__cause__, OperationalError | redis.ConnectionError | OSError):

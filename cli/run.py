@@ -63,8 +63,8 @@ def checked_for_this_host(spec: JobSpec) -> JobSpec:
 
 #: What ``--resume`` may change: how long and where the job runs, never what it trains (a
 #: different model, optimizer or data would not fit the checkpoint, or silently mix runs).
-RESUME_OVERRIDES = ("epochs", "device", "num_workers", "data_root", "compile", "name", "tags",
-                    "priority")
+RESUME_OVERRIDES = ("epochs", "device", "devices", "num_workers", "data_root", "compile", "name",
+                    "tags", "priority")
 
 
 def resumed_spec(folder: JobFolder, stored: JobSpec, overrides: dict) -> JobSpec:

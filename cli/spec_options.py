@@ -35,6 +35,7 @@ VALUE_FLAGS: list[tuple[tuple[str, ...], str]] = [
     (("--num-classes",), "num_classes"),
     (("--seed",), "seed"),
     (("--device",), "device"),
+    (("--devices",), "devices"),
     (("--limit-train",), "limit_train"),
     (("--limit-test",), "limit_test"),
     (("--validation",), "validation"),

@@ -57,8 +57,11 @@ def parse_queues(value: str) -> str:
 @click.option("--hostname", "-n", default=DEFAULT_NAME, show_default=True,
               help="node name (%h: this host, %p: this process' id); a name another "
                    "running worker has is refused")
+@click.option("--gpus", default=None, metavar="0,1,...", envvar="LABCTL_GPUS",
+              help="GPUs this worker gives its jobs: a --devices N job runs one rank on "
+                   "each of the first N (sets CUDA_VISIBLE_DEVICES) [$LABCTL_GPUS]")
 def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: str,
-           hostname: str) -> None:
+           hostname: str, gpus: str | None) -> None:
     """Run a worker in the foreground until Ctrl-C / SIGTERM.
 
     On SIGTERM the running job stops at its next batch and goes back to the queue; it
@@ -67,6 +70,8 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
     die_with_supervisor()
     # The supervisor's pid names its children (labctl-<pid>-1@host...); a worker its own.
     hostname = hostname.replace("%p", str(os.getpid()))
+    if gpus is not None:
+        use_gpus(gpus, concurrency)
     check_artifacts_dir()
     if metrics_port is None:
         metrics_port = get_settings().metrics_port
@@ -86,6 +91,23 @@ def worker(queues: str, concurrency: int, metrics_port: int | None, loglevel: st
         if records is not None:  # each child reserves its own name
             records.client.close()
         sys.exit(supervise(queues, concurrency, metrics_port, loglevel, hostname))
+
+
+def use_gpus(value: str, concurrency: int) -> None:
+    """Give this worker (and so each job it runs) the GPUs listed, before anything in the
+    process can initialise CUDA. One worker owns them all: a data-parallel job needs them
+    in one place, so --concurrency N would split what --gpus joins."""
+    from labctl.worker.capacity import GPUS_ENV, parse_gpus
+
+    try:
+        listed = parse_gpus(value)
+    except ValueError as exc:
+        raise BadSpec(f"--gpus: {exc}") from None
+    if concurrency > 1:
+        raise BadSpec("--gpus gives one worker several GPUs; use it with --concurrency 1 "
+                      "(or one worker per GPU: --concurrency N without --gpus)")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in listed)
+    os.environ[GPUS_ENV] = os.environ["CUDA_VISIBLE_DEVICES"]
 
 
 def check_port_free(port: int) -> None:

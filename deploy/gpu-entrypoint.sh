@@ -8,14 +8,15 @@
 # volume the replicas share. The lock lives as long as this process (the file descriptor is
 # inherited across exec), so a replica that exits or is killed frees its GPU at once.
 #
-# Does nothing when CUDA_VISIBLE_DEVICES is already set, when no lock folder is mounted (CPU
-# workers, the CLI) or when no GPU is visible.
+# Does nothing when CUDA_VISIBLE_DEVICES is already set, when LABCTL_GPUS gives this worker
+# several GPUs (labctl worker --gpus sets CUDA_VISIBLE_DEVICES itself), when no lock folder
+# is mounted (CPU workers, the CLI) or when no GPU is visible.
 set -eu
 
 lock_dir="${LABCTL_GPU_LOCK_DIR:-/var/lock/labctl-gpus}"
 dev_dir="${LABCTL_GPU_DEV_DIR:-/dev}"  # overridable for tests only
 
-if [ -z "${CUDA_VISIBLE_DEVICES:-}" ] && [ -d "$lock_dir" ] && [ -w "$lock_dir" ]; then
+if [ -z "${CUDA_VISIBLE_DEVICES:-}" ] && [ -z "${LABCTL_GPUS:-}" ] && [ -d "$lock_dir" ] && [ -w "$lock_dir" ]; then
     # /dev/nvidia0, /dev/nvidia1, ... : one node per GPU the container can see.
     count=$(find "$dev_dir" -maxdepth 1 -name 'nvidia[0-9]*' | grep -c '/nvidia[0-9]*$' || true)
     if [ "$count" -gt 0 ]; then

@@ -74,12 +74,13 @@ class Summary(TypedDict, total=False):
     test_size: int  # the size of the split evaluated: see evaluated_on
     evaluated_on: str  # "test", or "validation" when the spec carves one (spec.validation)
     epochs: int
+    devices: int  # data-parallel ranks of the last attempt (absent in older summaries: 1)
     final: dict[str, float]  # the last epoch's test_* figures
     best: dict[str, Any]  # one epoch's numbers: epoch, test_accuracy, test_f1_macro
     per_class_accuracy: dict[str, float]
     class_names: list[str]  # index = the model's output; absent before labctl predict
     mean_epoch_seconds: float | None
-    mean_images_per_second: float | None
+    mean_images_per_second: float | None  # summed over the devices
     total_seconds: float  # over every attempt
     finished_at: str
 

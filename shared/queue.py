@@ -27,6 +27,34 @@ def route_for(spec: JobSpec) -> str:
     return "gpu"
 
 
+def usable_devices(device: str, capacity: dict[str, Any]) -> tuple[int | None, str]:
+    """How many ranks a worker of ``capacity`` (its announced ``gpus`` and ``cpus``) can
+    give a job on ``device``, and what they are: GPUs for cuda, CPU processes for cpu, and
+    for auto whichever the job would get there (its GPUs if it has any). None: unknown
+    (a worker that announced no capacity)."""
+    gpus, cpus = capacity.get("gpus"), capacity.get("cpus")
+    if device == "cpu" or (device == "auto" and gpus == 0):
+        return (cpus if isinstance(cpus, int) else None), "CPUs"
+    return (gpus if isinstance(gpus, int) else None), "GPUs"
+
+
+def capacity_problem(spec: JobSpec, queue: str, workers: list[dict[str, Any]]) -> str | None:
+    """Why no live worker of ``queue`` could run ``spec``, or None. Only judged when every
+    worker of the queue announced its capacity: an unknown or absent worker may still fit
+    (the worker then checks when the job arrives)."""
+    if spec.devices <= 1:
+        return None
+    listening = [w for w in workers if queue in w.get("queues", ())]
+    usable = [usable_devices(spec.device, w) for w in listening]
+    if not usable or any(count is None for count, _ in usable):
+        return None
+    most, kind = max(usable, key=lambda pair: pair[0])
+    if spec.devices <= most:
+        return None
+    return (f"devices: {spec.devices} requested, but the live workers of the {queue} queue "
+            f"have at most {most} {kind} each (a job runs on one worker)")
+
+
 def submit_job(spec: JobSpec, *, records: JobRecords | None = None, app: Any = None,
                queue: str | None = None, job_id: str | None = None) -> str:
     """Queue ``spec`` and return its job id.

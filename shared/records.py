@@ -13,7 +13,7 @@ Other keys:
 - ``labctl:job:<id>:lease``     the owner's liveness lease; it expires ``heartbeat_timeout``
                                 after the last heartbeat, measured by Redis' clock alone
 - ``labctl:job:<id>:log``       list of epoch lines (``labctl logs``, no shared volume needed)
-- ``labctl:worker:<name>``      a live worker's queues (expires unless renewed)
+- ``labctl:worker:<name>``      a live worker's queues and devices (expires unless renewed)
 
 This module is the storage: how each step is made atomic. When a step is taken, and what
 follows from it in the job folder, is decided by ``shared.lifecycle``, the only caller of
@@ -270,11 +270,13 @@ return false
 """
 
 
-def _worker_entry(name: str, queues: Iterable[str]) -> str:
+def _worker_entry(name: str, queues: Iterable[str],
+                  capacity: dict[str, int] | None = None) -> str:
     """A worker's presence: its name, queues, and where it runs (host and pid), so a
-    worker starting under a taken name can tell a live holder from a dead one."""
+    worker starting under a taken name can tell a live holder from a dead one; with
+    ``capacity``, what it can give one job (``gpus``, ``cpus``)."""
     return json.dumps({"name": name, "queues": sorted(queues), "seen_at": utc_now(),
-                       "host": socket.gethostname(), "pid": os.getpid()})
+                       "host": socket.gethostname(), "pid": os.getpid(), **(capacity or {})})
 
 
 def initial_record(job_id: str, spec: JobSpec, queue: str) -> JobRecord:
@@ -425,10 +427,11 @@ class JobRecords:
 
     # --- workers ------------------------------------------------------------------------
 
-    def announce_worker(self, name: str, queues: Iterable[str], ttl_seconds: float) -> None:
-        """``name`` (this process) takes jobs from ``queues``; it says so again before
-        ``ttl_seconds``."""
-        self.client.set(f"{WORKER_KEY_PREFIX}{name}", _worker_entry(name, queues),
+    def announce_worker(self, name: str, queues: Iterable[str], ttl_seconds: float,
+                        capacity: dict[str, int] | None = None) -> None:
+        """``name`` (this process) takes jobs from ``queues`` and can give a job ``capacity``
+        (``gpus``, ``cpus``); it says so again before ``ttl_seconds``."""
+        self.client.set(f"{WORKER_KEY_PREFIX}{name}", _worker_entry(name, queues, capacity),
                         px=int(ttl_seconds * 1000))
 
     def reserve_worker_name(self, name: str, queues: Iterable[str], ttl_seconds: float, *,

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     keep_checkpoint: bool = Field(
         False, description="Keep a succeeded job's resumable checkpoint (to train it further "
                            "with run --resume --epochs N); by default only model.* stays.")
+    distributed_timeout_seconds: float = Field(
+        300.0, gt=0, description="How long a data-parallel rank waits on its peers in one "
+        "collective before it fails (a hung peer must not hang the job).")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Worker /metrics port.")
     data_cache_max_gb: float = Field(
         32.0, gt=0, description="Decoded photos a data_path=auto job keeps in memory (and on "

@@ -39,6 +39,8 @@ NATIVE_IMAGE_SIZE = {"digits": 8, "mnist": 28, "synthetic": 32, "stanford-cars":
                      "imagefolder": 224}
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d{1,2})$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+#: The most ranks one job may ask for: one box's GPUs (jobs do not span hosts).
+MAX_DEVICES = 64
 #: A spec is a few hundred bytes; the cap keeps /dev/zero or a stray dataset from eating memory.
 MAX_SPEC_FILE_BYTES = 1 << 20
 
@@ -87,6 +89,10 @@ class JobSpec(BaseModel):
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds every random generator.")
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N.")
+    devices: int = Field(
+        1, ge=1, le=MAX_DEVICES,
+        description="Data-parallel ranks (resnet50 only): one GPU each on CUDA, one process "
+        "each on the CPU; batch_size stays the global batch.")
     amp: bool = Field(False, description="bf16 autocast (resnet50 only).")
     channels_last: bool = Field(True, description="channels_last memory format (resnet50 only).")
     compile: bool = Field(False, description="torch.compile the model (resnet50 only).")
@@ -139,10 +145,20 @@ class JobSpec(BaseModel):
             # Only the torch ResNet50 loads a checkpoint; the NumPy CNN would ignore it.
             if self.init_weights:
                 raise ValueError("init_weights: applies to resnet50 only")
+            if self.devices > 1:
+                raise ValueError("devices: numpy-cnn trains in one process; devices > 1 "
+                                 "applies to resnet50 only")
         if self.data_path != "auto" and (self.model != "resnet50"
                                          or self.dataset not in PHOTO_DATASETS):
             raise ValueError("data_path: cache and stream apply to resnet50 on stanford-cars "
                              "or imagefolder")
+        if self.devices > 1:
+            if self.batch_size % self.devices:
+                raise ValueError(f"batch_size: {self.batch_size} is the global batch and "
+                                 f"must split evenly over {self.devices} devices")
+            if ":" in self.device:
+                raise ValueError(f"device: {self.device} names one GPU; use cuda or auto with "
+                                 "devices > 1 (rank r takes the r-th visible GPU)")
         if self.num_classes is not None and self.dataset != "synthetic":
             raise ValueError("num_classes: only the synthetic dataset takes a class count")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
@@ -209,20 +225,26 @@ def check_runtime(spec: JobSpec, allowed_data_dir: str | None = None) -> None:
         if allowed not in weights.parents:
             raise SpecError("init_weights", f"{spec.init_weights} is outside the worker's data "
                             f"directory {allowed}")
-    check_device(spec.device)
+    check_device(spec.device, spec.devices)
 
 
-def check_device(device: str) -> None:
-    """A ``cuda`` / ``cuda:N`` device must be present on this host. Raises :class:`SpecError`."""
-    if device.startswith("cuda"):
+def check_device(device: str, devices: int = 1) -> None:
+    """A ``cuda`` / ``cuda:N`` device must be present on this host, and ``devices`` of them
+    for a data-parallel CUDA job. Raises :class:`SpecError`."""
+    if device.startswith("cuda") or (device == "auto" and devices > 1):
         import torch  # deferred: importing torch costs a second and the CLI rarely needs it
 
+        if device == "auto" and not torch.cuda.is_available():
+            return  # auto on a host without CUDA: gloo ranks on the CPU
         if not torch.cuda.is_available():
             raise SpecError("device", f"{device} requested but no CUDA device is present")
         index = int(device.split(":")[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
             raise SpecError("device", f"{device} requested but only "
                             f"{torch.cuda.device_count()} CUDA device(s) are present")
+        if devices > torch.cuda.device_count():
+            raise SpecError("devices", f"{devices} GPUs requested but only "
+                            f"{torch.cuda.device_count()} are visible here")
 
 
 def first_error(exc: ValidationError) -> SpecError:

@@ -152,6 +152,33 @@ class RedisTLS:
         return env
 
 
+def spawned_children(parent_pid: int) -> list[int]:
+    """Pids of the processes ``parent_pid`` started with multiprocessing's spawn (the ranks
+    of a data-parallel job), from /proc (Linux); its resource tracker is left out."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The command name may hold spaces and parentheses: the ppid follows the last ")".
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == parent_pid and "spawn_main" in command:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def stop_all(workers: list[WorkerProcess]) -> None:
     """Stop several workers at once: their warm shutdowns overlap instead of adding up."""
     for worker in workers:

@@ -627,3 +627,20 @@ def test_worker_commands_parse_with_the_real_cli(compose):
         ctx = worker.make_context("worker", list(command[2:]))  # parses, runs nothing
         assert ctx.params["concurrency"] == 1, f"{name}: one solo worker per container"
         assert ctx.params["metrics_port"] is None  # so LABCTL_METRICS_PORT applies
+
+
+def test_gpu_entrypoint_leaves_a_multi_gpu_worker_its_gpus(tmp_path):
+    """LABCTL_GPUS (labctl worker --gpus): the worker owns those GPUs and sets
+    CUDA_VISIBLE_DEVICES itself; the entrypoint must not pin it to one GPU."""
+    dev, locks = tmp_path / "dev", tmp_path / "locks"
+    dev.mkdir()
+    locks.mkdir()
+    for name in ("nvidia0", "nvidia1"):
+        (dev / name).touch()
+    env = {**os.environ, "LABCTL_GPU_LOCK_DIR": str(locks), "LABCTL_GPU_DEV_DIR": str(dev),
+           "LABCTL_GPUS": "0,1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    done = subprocess.run([str(ENTRYPOINT), "sh", "-c", 'echo "[$CUDA_VISIBLE_DEVICES]"'],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == "[]"
+    assert not list(locks.iterdir())  # no GPU claimed from the replicas

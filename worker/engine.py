@@ -25,6 +25,12 @@ class JobCancelled(Exception):
     """Raised from a batch callback when the user cancelled the job."""
 
 
+class RankLost(Exception):  # noqa: N818 - named for what happened, like JobCancelled
+    """A rank of a data-parallel job died without an error of its own (killed by a signal:
+    the OOM killer, a GPU fault, a kill -9). Nothing is wrong with the job: a worker hands
+    it back to resume from its last checkpoint; ``labctl run`` fails it, resumable."""
+
+
 class TrainingDiverged(Exception):
     def __init__(self, epoch: int, batch: int, why: str = "loss is NaN or inf"):
         self.epoch, self.batch = epoch, batch

@@ -93,7 +93,10 @@ TEST_ACCURACY = Gauge("labctl_job_test_accuracy_ratio", "Test accuracy after the
 TEST_F1 = Gauge("labctl_job_test_f1_macro_ratio", "Test macro-F1 after the last epoch.",
                 JOB_LABELS, registry=REGISTRY)
 IMAGES_PER_SECOND = Gauge("labctl_job_images_per_second",
-                          "Training throughput of the last epoch.", JOB_LABELS, registry=REGISTRY)
+                          "Training throughput of the last epoch, summed over its devices.",
+                          JOB_LABELS, registry=REGISTRY)
+DEVICES = Gauge("labctl_job_devices", "Data-parallel ranks the job trains on (1: one device).",
+                JOB_LABELS, registry=REGISTRY)
 LEARNING_RATE = Gauge("labctl_job_learning_rate", "Learning rate used by the last epoch.",
                       JOB_LABELS, registry=REGISTRY)
 EPOCH = Gauge("labctl_job_epoch", "Epochs finished (1-based; 0 before the first ends).",
@@ -105,7 +108,7 @@ EPOCH_PROGRESS = Gauge("labctl_job_epoch_progress_ratio",
                        JOB_LABELS, registry=REGISTRY)
 
 JOB_GAUGES = (TRAIN_LOSS, TEST_LOSS, TEST_ACCURACY, TEST_F1, IMAGES_PER_SECOND, LEARNING_RATE,
-              EPOCH, EPOCHS, EPOCH_PROGRESS)
+              EPOCH, EPOCHS, EPOCH_PROGRESS, DEVICES)
 
 
 def init_spec_series(spec_labels: Sequence[str]) -> None:

@@ -91,6 +91,7 @@ class MetricsReporter(Reporter):
             return
         self._series.start()
         self._gauge(m.EPOCHS).set(spec.epochs)
+        self._gauge(m.DEVICES).set(spec.devices)
         self._gauge(m.EPOCH).set(info.get("start_epoch", 0))  # a resumed job starts at k
         self._gauge(m.EPOCH_PROGRESS).set(0)
 

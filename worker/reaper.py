@@ -25,6 +25,7 @@ from labctl.shared.artifacts import ArtifactStore, JobFolder
 from labctl.shared.lifecycle import Beat
 from labctl.shared.records import MAX_WORKER_LOSSES, JobRecords, connect
 from labctl.shared.settings import get_settings
+from labctl.worker.capacity import worker_capacity
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ class Reaper(threading.Thread):
         while True:
             try:
                 if self.worker:
-                    self.records.announce_worker(self.worker, self.queues, 3 * self.interval)
+                    self.records.announce_worker(self.worker, self.queues, 3 * self.interval,
+                                                 worker_capacity())
                 self.sweep()
             except redis.RedisError as exc:
                 log.warning("reaper: Redis unavailable (%s); retrying", exc)

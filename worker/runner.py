@@ -34,6 +34,7 @@ from labctl.worker.engine import (
     DataError,
     Engine,
     JobCancelled,
+    RankLost,
     TrainingDiverged,
     check_not_diverged,
     seed_global_generators,
@@ -122,6 +123,10 @@ def build_engine(spec: JobSpec) -> Engine:
         from labctl.worker.numpy_engine import NumpyEngine
 
         return NumpyEngine(spec)
+    if spec.devices > 1:
+        from labctl.worker.ddp_launcher import DistributedEngine
+
+        return DistributedEngine(spec)
     from labctl.worker.torch_engine import TorchEngine
 
     return TorchEngine(spec)
@@ -159,7 +164,8 @@ def outcome_line(state: str, error: str | None, summary: Summary | None) -> str:
 def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter | None = None,
             *, default_data_root: str | None = None, allowed_data_dir: str | None = None,
             status_extra: dict[str, Any] | None = None, writer: str = folder_lock.LOCAL_RUN,
-            keep_checkpoint: bool | None = None) -> RunOutcome:
+            keep_checkpoint: bool | None = None,
+            on_rank_lost: Callable[[RankLost], None] | None = None) -> RunOutcome:
     """Run ``spec`` to the end, resuming from the job's checkpoint if one exists.
 
     A job that succeeds keeps its final weights and drops its resumable checkpoint (the
@@ -173,6 +179,9 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
     Never raises for a failed job: the outcome (and status.json) says why. Only
     ``KeyboardInterrupt`` is turned into ``cancelled`` and then re-raised, so Ctrl-C still
     reaches the caller once the job folder is consistent.
+
+    ``on_rank_lost``: called when a rank of a data-parallel job was killed (a worker raises
+    its hand-back there, leaving the folder as it is); without it the job fails, resumable.
     """
     reporter = reporter or Reporter()
     spec = resolve_data_root(spec, default_data_root)
@@ -183,7 +192,7 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
             keep_checkpoint = get_settings().keep_checkpoint
         with folder_lock.hold(folder.path, writer):
             return _run_holding_lock(spec, folder, reporter, allowed_data_dir, status_extra,
-                                     keep_checkpoint)
+                                     keep_checkpoint, on_rank_lost)
     except FolderBusy as busy:
         error = f"its folder is being written by {busy.holder}"
         failure = "busy"
@@ -196,7 +205,8 @@ def run_job(spec: JobSpec, job_id: str, store: ArtifactStore, reporter: Reporter
 
 def _run_holding_lock(spec: JobSpec, folder: JobFolder, reporter: Reporter,
                       allowed_data_dir: str | None, status_extra: dict[str, Any] | None,
-                      keep_checkpoint: bool) -> RunOutcome:
+                      keep_checkpoint: bool,
+                      on_rank_lost: Callable[[RankLost], None] | None) -> RunOutcome:
     job_id = folder.job_id
     try:
         status = lifecycle.run_started(folder, spec, status_extra)
@@ -220,6 +230,12 @@ def _run_holding_lock(spec: JobSpec, folder: JobFolder, reporter: Reporter,
                        clock=clock)
     except TrainingDiverged as exc:
         return _finish(folder, reporter, JobState.FAILED, str(exc), failure="diverged", clock=clock)
+    except RankLost as exc:
+        if on_rank_lost is not None:
+            folder.log(f"{exc}; the job stops and goes back to the queue")
+            on_rank_lost(exc)
+        return _finish(folder, reporter, JobState.FAILED, f"{exc} (labctl run --resume "
+                       "continues from the last checkpoint)", failure="crash", clock=clock)
     except Exception as exc:  # the job fails; the worker lives on to take the next one
         log.exception("job %s crashed", job_id)
         _keep_traceback(folder)
@@ -317,6 +333,16 @@ def _train(spec: JobSpec, folder: JobFolder, reporter: Reporter,
     check_runtime(spec, allowed_data_dir)
     seed_global_generators(spec.seed)
     engine = build_engine(spec)
+    try:
+        return _train_engine(spec, folder, reporter, clock, resuming, engine)
+    finally:
+        close = getattr(engine, "close", None)  # a data-parallel engine's rank processes
+        if close is not None:
+            close()
+
+
+def _train_engine(spec: JobSpec, folder: JobFolder, reporter: Reporter, clock: RunClock,
+                  resuming: bool, engine: Engine) -> Summary:
     checkpoint = folder.path / engine.checkpoint_name
     start_epoch = 0
     if checkpoint.exists():
@@ -426,6 +452,8 @@ def _write_final_artefacts(spec: JobSpec, folder: JobFolder, engine: Engine,
         # With a validation split the test_* figures are the validation split's.
         "evaluated_on": spec.evaluation_split,
         "epochs": spec.epochs,
+        # Ranks of the last attempt; images_per_second is summed over them.
+        "devices": spec.devices,
         "final": {k: v for k, v in final.items() if k.startswith("test_")},
         # One epoch's numbers (the most accurate one), not maxima taken from different epochs.
         "best": {"epoch": best.get("epoch"), "test_accuracy": best.get("test_accuracy"),

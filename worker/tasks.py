@@ -19,10 +19,14 @@ from labctl.shared import lifecycle
 from labctl.shared.artifacts import ArtifactStore, InvalidJobId, validate_job_id
 from labctl.shared.jobstate import JobState
 from labctl.shared.lifecycle import Claim
+from labctl.shared.queue import usable_devices
 from labctl.shared.records import JobRecords
 from labctl.shared.settings import get_settings
 from labctl.shared.spec import FILE_DATASETS, JobSpec, SpecError, build_spec
 from labctl.worker.app import TASK_NAME, app
+from labctl.worker.capacity import worker_capacity
+from labctl.worker.checkpoints import checkpoint_path
+from labctl.worker.engine import RankLost
 from labctl.worker.queue_reporter import (
     GuardedReporter,
     JobReleased,
@@ -100,13 +104,13 @@ def execute(job_id: str, spec_values: dict[str, Any], attempt: int, *,
         if spec.dataset in FILE_DATASETS and not settings.data_dir:
             raise SpecError("data_root", "this worker has no LABCTL_DATA_DIR, so it reads no "
                             "dataset files")
+        check_capacity(spec, hostname)
     except SpecError as exc:
         error = f"invalid spec: {exc}"
-        # The line before the end: a follower stops reading the log once the state is final.
-        records.append_log(job_id, f"failed: {error}")
-        lifecycle.ended(records, job_id, owner, JobState.FAILED, error=error)
-        # The user's mistake, not the worker's: one line, no traceback, the message acked.
-        log.warning("job %s attempt %d failed: %s", job_id, attempt, error)
+        _fail_before_running(records, job_id, owner, attempt, error)
+        return {"job_id": job_id, "attempt": attempt, "state": JobState.FAILED}
+    if missing := missing_checkpoint(records.get(job_id) or {}, store, job_id, spec):
+        _fail_before_running(records, job_id, owner, attempt, missing)
         return {"job_id": job_id, "attempt": attempt, "state": JobState.FAILED}
 
     return _run_claimed(records, store, spec, job_id, attempt, owner, hostname)
@@ -133,6 +137,41 @@ def _put_back(records: JobRecords, job_id: str, spec_values: dict[str, Any],
     return {"job_id": job_id, "attempt": attempt, "skipped": "worker shutting down"}
 
 
+def _fail_before_running(records: JobRecords, job_id: str, owner: str, attempt: int,
+                         error: str) -> None:
+    # The line before the end: a follower stops reading the log once the state is final.
+    records.append_log(job_id, f"failed: {error}")
+    lifecycle.ended(records, job_id, owner, JobState.FAILED, error=error)
+    # The user's mistake, not the worker's: one line, no traceback, the message acked.
+    log.warning("job %s attempt %d failed: %s", job_id, attempt, error)
+
+
+def check_capacity(spec: JobSpec, hostname: str) -> None:
+    """A job asking for more ranks than this worker has devices fails with the reason,
+    rather than waiting for GPUs that will never appear. Raises :class:`SpecError`."""
+    count, kind = usable_devices(spec.device, worker_capacity())
+    if count is not None and spec.devices > count:
+        raise SpecError("devices", f"{spec.devices} requested but worker {hostname} has "
+                        f"{count} {kind}"
+                        + (" (labctl worker --gpus 0,1,... gives it more)"
+                           if kind == "GPUs" else ""))
+
+
+def missing_checkpoint(record: dict[str, Any], store: ArtifactStore, job_id: str,
+                       spec: JobSpec) -> str | None:
+    """Why a resumed job cannot go on here, or None. Its record says epochs were
+    checkpointed (an earlier attempt, maybe on another host, wrote them), but this worker's
+    artefact folder has no checkpoint: the folder is not the one that attempt wrote, and
+    training from epoch 1 would silently throw its epochs away."""
+    done = record.get("epoch") or 0
+    if not done or checkpoint_path(store.job(job_id).path, spec.model).exists():
+        return None
+    return (f"the artefacts directory is not shared between workers: the job's record says "
+            f"{done} epoch(s) were checkpointed, but {store.job(job_id).path} has no "
+            f"checkpoint here; mount the same LABCTL_ARTIFACTS_DIR (NFS or similar) on "
+            f"every worker")
+
+
 def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_id: str,
                  attempt: int, owner: str, hostname: str) -> dict[str, Any]:
     settings = get_settings()
@@ -148,7 +187,7 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
     try:
         outcome = run_job(spec, job_id, store, reporter, default_data_root=settings.data_dir,
                           allowed_data_dir=settings.data_dir, status_extra=status_extra,
-                          writer=f"worker {hostname}")
+                          writer=f"worker {hostname}", on_rank_lost=_hand_back_rank_lost)
     except JobReleased as released:
         reporter.close()  # on_end never ran: drop the job's live metric series here
         # Before the hand-back: a beat after it would find the lease gone and log it as lost.
@@ -166,6 +205,12 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
 def _stop_beating(heartbeat: Heartbeat) -> None:
     heartbeat.stop()  # idempotent: sets an event
     heartbeat.join(timeout=5)
+
+
+def _hand_back_rank_lost(lost: RankLost) -> None:
+    """A killed rank (OOM killer, GPU fault) says nothing against the job: it goes back to
+    the queue and resumes from its last checkpoint, as after a worker shutdown."""
+    raise JobReleased(str(lost), lost=False)
 
 
 def _released(records: JobRecords, job_id: str, attempt: int, owner: str,
