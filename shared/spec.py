@@ -153,6 +153,9 @@ class JobSpec(BaseModel):
             raise ValueError("data_path: cache and stream apply to resnet50 on stanford-cars "
                              "or imagefolder")
         if self.devices > 1:
+            if self.data_path == "cache":
+                raise ValueError("data_path: a data-parallel job streams its photos (the "
+                                 "decode-once cache feeds one device); use auto or stream")
             if self.batch_size % self.devices:
                 raise ValueError(f"batch_size: {self.batch_size} is the global batch and "
                                  f"must split evenly over {self.devices} devices")

@@ -56,6 +56,8 @@ def epochs_of(folder) -> list[int]:
      "batch_size: 15 is the global batch and must split evenly over 2 devices"),
     (["--devices", "2", "--device", "cuda:1"], "device: cuda:1 names one GPU"),
     (["--devices", "0"], "devices: Input should be greater than or equal to 1"),
+    (["--dataset", "stanford-cars", "--devices", "2", "--data-path", "cache"],
+     "data_path: a data-parallel job streams its photos"),
 ])
 def test_a_spec_that_cannot_run_data_parallel_is_one_line_and_exit_2(tmp_path, flags, message):
     result = CliRunner().invoke(cli, ["run", "--dataset", "digits", "--artifacts-dir",

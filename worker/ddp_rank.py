@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from labctl.shared.spec import JobSpec, SpecError, build_spec
+from labctl.shared.spec import PHOTO_DATASETS, JobSpec, SpecError, build_spec
 from labctl.worker.checkpoints import CheckpointDamaged
 from labctl.worker.engine import BatchCallback, DataError, EvalResult, TrainingDiverged, TrainResult
 from labctl.worker.torch_engine import TorchEngine
@@ -68,8 +68,12 @@ class RankEngine(TorchEngine):
         self.stop, self.progress = stop, progress
         device = rank_device(spec, rank)
         # The engine builds its loaders with the spec's batch: each rank's is its share.
-        super().__init__(spec.model_copy(update={"device": str(device),
-                                                 "batch_size": spec.batch_size // world}))
+        update: dict[str, Any] = {"device": str(device), "batch_size": spec.batch_size // world}
+        if spec.dataset in PHOTO_DATASETS:
+            # Sharding re-wraps DataLoaders; the decode-once path's device batches are one
+            # device's, so a data-parallel job streams its photos.
+            update["data_path"] = "stream"
+        super().__init__(spec.model_copy(update=update))
         self.global_spec = spec
         self._shard_loaders()
         # DDP broadcasts rank 0's initial weights, so every rank starts from the same model.
