@@ -127,3 +127,16 @@ def test_a_benchmarks_file_that_is_not_text_is_left_out(sweep_runs, tmp_path):
                                  str(tmp_path / "r"), "--benchmarks", str(binary)])
     assert result.exit_code == 0, result.output
     assert "From `" not in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_confusion_rows_are_named_in_label_order_not_sorted_order():
+    from labctl.cli.analysis.report_writer import confusion_class_names
+
+    # As summary.json stores them: class_names in label order, per_class_accuracy's keys
+    # sorted (json.dumps(sort_keys=True)).
+    summary = {"class_names": ["Volvo 240", "Audi S4", "BMW M3"],
+               "per_class_accuracy": {"Audi S4": 1.0, "BMW M3": 0.5, "Volvo 240": 0.0}}
+    assert confusion_class_names(summary, 3) == ["Volvo 240", "Audi S4", "BMW M3"]
+    older = {"per_class_accuracy": {"0": 1.0, "1": 0.5}}
+    assert confusion_class_names(older, 2) == ["0", "1"]
+    assert confusion_class_names(summary, 4) == ["0", "1", "2", "3"]  # mismatch: indices

@@ -183,9 +183,7 @@ def _confusion(blocks: list[Block], out: Path, inputs: ReportInputs) -> str:
             lines += [f"- {block.label}: best run {best.job_id} has an unreadable "
                       "confusion_matrix.npy", ""]
             continue
-        names = list((best.summary or {}).get("per_class_accuracy", {}) or [])
-        if len(names) != len(cm):
-            names = [str(i) for i in range(len(cm))]
+        names = confusion_class_names(best.summary or {}, len(cm))
         # The slug is cut short, so two long labels can share one: keep both PNGs.
         name = f"confusion_{block.slug}.png"
         name = f"confusion_{block.slug}-{i + 1}.png" if name in used else name
@@ -230,3 +228,10 @@ def _reproduce(inputs: ReportInputs) -> str:
               "```"]
     return "\n".join(lines)
 
+
+def confusion_class_names(summary: dict, num_classes: int) -> list[str]:
+    """The confusion matrix's row names, in label order. ``class_names`` is in label order;
+    ``per_class_accuracy``'s keys (all an older summary has) were sorted when summary.json
+    was written, which is not every dataset's label order (Stanford Cars' devkit order)."""
+    names = list(summary.get("class_names") or summary.get("per_class_accuracy") or [])
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
