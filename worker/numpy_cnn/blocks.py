@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from labctl.worker.numpy_cnn.fused import CHUNK_BYTES, scratch, strided_view
+from labctl.worker.numpy_cnn.fused import CHUNK_BYTES, scratch, strided_view, sum_along
 from labctl.worker.numpy_cnn.layers import Conv2D, Layer, Linear, MaxPool2D, ReLU, Sigmoid
 from labctl.worker.numpy_cnn.parallel import (
     num_threads,
@@ -305,7 +305,7 @@ class ConvBlock:
         def run(part: slice) -> tuple[np.ndarray, np.ndarray]:
             g = activation_grad(grad_out[part], out[part], self.activation,
                                 scratch("g_act", out[part].shape, dtype))
-            bias_grad = g.reshape(-1, f).sum(axis=0)
+            bias_grad = sum_along(g.reshape(-1, f), 0)
             if self.pool is not None:
                 g = self._pool_backward(g, argmax[part], out_h, out_w)
             g_rows = g.reshape(-1, f)
