@@ -33,7 +33,9 @@ test-fast: $(STAMP)
 CONTAINER_ENGINE ?= ../shared/tools/container-engine
 test-containers: $(STAMP)
 	$(CONTAINER_ENGINE) setup
-	$(CONTAINER_ENGINE) build-image
+	# Docker image format: podman's default (OCI) drops the Dockerfile's HEALTHCHECK, and the
+	# workers' health (and compose's service_healthy) comes from it.
+	BUILDAH_FORMAT=docker $(CONTAINER_ENGINE) build-image
 	LABCTL_CONTAINER_TESTS=1 LABCTL_CONTAINER_ENGINE=$(abspath $(CONTAINER_ENGINE)) \
 		DOCKER_HOST=unix:///run/podman/podman.sock $(PY) -m pytest -q -m containers tests/test_containers.py
 

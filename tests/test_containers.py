@@ -225,14 +225,14 @@ def test_worker_runs_as_the_image_user_and_reaches_redis(stack):
 def test_a_job_submitted_through_the_cli_service_succeeds_and_its_artefacts_copy_out(stack):
     done = stack.labctl("submit", *SHORT_JOB, "--follow")
     job_id = done.stdout.splitlines()[0].strip()
-    assert "succeeded" in done.stdout, done.stdout
+    # The id on stdout, the epochs and the outcome on stderr.
+    assert f"job {job_id} succeeded" in done.stderr, (done.stdout, done.stderr)
     folder = stack.copy_out(job_id)
     rows = metrics_rows(folder)
     assert [r["epoch"] for r in rows] == [1, 2]
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["state"] == "succeeded", summary
-    assert (folder / "model.npz").exists() or any(folder.glob("model.*")), sorted(
-        p.name for p in folder.iterdir())
+    assert json.loads((folder / "status.json").read_text())["state"] == "succeeded"
+    assert json.loads((folder / "summary.json").read_text())["job_id"] == job_id
+    assert (folder / "model.npz").is_file(), sorted(p.name for p in folder.iterdir())
     # The docs say the files are world-readable, so the host user's copy could read them.
     assert all(p.stat().st_uid == os.getuid() for p in folder.rglob("*"))
 
