@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARTIFACTS ?= artifacts
 
-.PHONY: demo test test-fast bench lint venv clean
+.PHONY: demo test test-fast test-containers bench lint venv clean
 
 venv: $(STAMP)
 
@@ -22,11 +22,22 @@ demo: $(STAMP)
 
 ## test: the whole suite, integration tests included (they start their own redis-server)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not containers"
 
 ## test-fast: skip the tests that start servers and workers
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
+
+## test-containers: the compose stack in containers (podman from ../shared/tools/container-engine)
+## Not part of `test`: it needs that engine. Builds the image first (its dependency layer is cached).
+CONTAINER_ENGINE ?= ../shared/tools/container-engine
+test-containers: $(STAMP)
+	$(CONTAINER_ENGINE) setup
+	# Docker image format: podman's default (OCI) drops the Dockerfile's HEALTHCHECK, and the
+	# workers' health (and compose's service_healthy) comes from it.
+	BUILDAH_FORMAT=docker $(CONTAINER_ENGINE) build-image
+	LABCTL_CONTAINER_TESTS=1 LABCTL_CONTAINER_ENGINE=$(abspath $(CONTAINER_ENGINE)) \
+		DOCKER_HOST=unix:///run/podman/podman.sock $(PY) -m pytest -q -m containers tests/test_containers.py
 
 ## bench: speed ratios against references, written to docs/benchmarks.md
 bench: $(STAMP)
