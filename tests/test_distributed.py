@@ -242,9 +242,10 @@ def test_a_job_asking_for_more_devices_than_any_worker_has_is_refused(redis_serv
     worker = WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env)
     try:
         worker.start().wait_ready()
+        # The name's reservation comes first; the reaper's first round adds the capacity.
         announced = wait_for(lambda: [w for w in records.live_workers()
-                                      if w["name"] == worker.hostname], 30,
-                             what="the worker's presence key")[0]
+                                      if w["name"] == worker.hostname and "cpus" in w], 30,
+                             what="the worker's presence key with its capacity")[0]
         assert announced["cpus"] == cpus and announced["gpus"] == 0
         too_many = str(2 * cpus if cpus % 2 == 0 else 2 * cpus + 2)
         result = CliRunner().invoke(cli, ["submit", *spec_flags(RESNET), "--devices", too_many,

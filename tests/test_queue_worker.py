@@ -78,7 +78,10 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     artifacts, data = tmp / "artifacts", tmp / "data"
     data.mkdir()
     env = {"LABCTL_ARTIFACTS_DIR": str(artifacts), "LABCTL_DATA_DIR": str(data),
-           "LABCTL_HEARTBEAT_SECONDS": "0.5", "LABCTL_HEARTBEAT_TIMEOUT_SECONDS": "5"}
+           # A lease well under the 30 s default, yet long enough that a worker starved of
+           # the GIL for seconds (its first torch import on a loaded machine) keeps its job:
+           # these tests count attempts, and none waits for a lease to expire.
+           "LABCTL_HEARTBEAT_SECONDS": "0.5", "LABCTL_HEARTBEAT_TIMEOUT_SECONDS": "15"}
     with RedisServer(tmp / "redis", password=PASSWORD) as server:
         workers = [WorkerProcess(server.url, tmp / f"{name}.log", name=name, queues="cpu",
                                  env=env) for name in ("w1", "w2")]
