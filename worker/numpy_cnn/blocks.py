@@ -34,6 +34,7 @@ from labctl.worker.numpy_cnn.parallel import (
     parallel_map,
     parallel_matmul,
     split_evenly,
+    sum_in_order,
 )
 
 ACTIVATIONS = (ReLU, Sigmoid)
@@ -316,12 +317,7 @@ class ConvBlock:
             return weight_grad, bias_grad
 
         chunks = self._chunks(n, out_h * out_w * kh * kw * c * x.itemsize)
-        partials = parallel_map(run, chunks)
-        # Summed in chunk order whatever the threads' timing: results are reproducible.
-        weight_grad, bias_grad = partials[0]
-        for wg, bg in partials[1:]:
-            weight_grad += wg
-            bias_grad += bg
+        weight_grad, bias_grad = sum_in_order(parallel_map(run, chunks))
         self.conv.grads["weight"] += weight_grad.reshape(f, kh, kw, c).transpose(0, 3, 1, 2)
         self.conv.grads["bias"] += bias_grad
         return grad_in

@@ -80,6 +80,17 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     return list(_get_pool().map(call, items))
 
 
+def sum_in_order(partials: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Element-wise sum of :func:`parallel_map`'s per-chunk tuples (e.g. weight and bias
+    gradients), in chunk order whatever the threads' timing, so results are reproducible.
+    Sums into the first tuple's arrays."""
+    total = partials[0]
+    for part in partials[1:]:
+        for acc, value in zip(total, part, strict=True):
+            acc += value
+    return total
+
+
 def split_evenly(total: int, parts: int) -> list[slice]:
     """``parts`` contiguous slices covering ``range(total)``, sizes differing by at most 1."""
     parts = max(1, min(parts, total))
