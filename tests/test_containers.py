@@ -29,13 +29,13 @@ from pathlib import Path
 
 import pytest
 from dashboards import GRAFANA_VARIABLES, load_dashboard, panels, substitute
+from test_deploy import env_example
 
 from labctl.shared.records import JobRecords
 from labctl.shared.testing import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-ENV_EXAMPLE = ROOT / ".env.example"
 ENGINE = Path(os.environ.get("LABCTL_CONTAINER_ENGINE",
                              ROOT.parent / "shared/tools/container-engine"))
 DOCKER_HOST = os.environ.get("DOCKER_HOST", "unix:///run/podman/podman.sock")
@@ -57,15 +57,6 @@ LONG_JOB = ["--model", "numpy-cnn", "--dataset", "digits", "--opt", "adamax",
 SHORT_JOB = ["--model", "numpy-cnn", "--dataset", "digits", "--opt", "adamax",
              "--epochs", "2", "--batch-size", "16"]
 ENDED = ("succeeded", "failed", "cancelled")
-
-
-def env_example() -> dict[str, str]:
-    values = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
-    return values
 
 
 class Stack:
