@@ -5,6 +5,8 @@ Short heartbeats make the reaper act within seconds instead of the production 30
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -98,5 +100,29 @@ def test_job_survives_a_redis_restart(tmp_path):
             after = submit(server, records, epochs=1)
             assert wait_end(records, after, timeout=60)["state"] == "succeeded"
             assert worker.alive()
+        finally:
+            worker.stop()
+
+
+def test_a_worker_frozen_through_a_redis_restart_takes_jobs_again(tmp_path):
+    """Redis restarts while the worker is stopped (SIGSTOP; a paused container or VM is the
+    same): on waking, each of its sockets reads end-of-file from the old server while the new
+    one already answers. redis-py's in-place retry of the pubsub read then reconnected and
+    blocked for good on the new socket, and the worker never took another job."""
+    env = worker_env(tmp_path, timeout=60)
+    with RedisServer(tmp_path / "redis", appendonly=True) as server:
+        records = JobRecords.from_url(server.url)
+        worker = WorkerProcess(server.url, tmp_path / "w1.log", name="w1", env=env)
+        try:
+            worker.start().wait_ready()
+            os.kill(worker.pid, signal.SIGSTOP)
+            try:
+                job_id = submit(server, records, epochs=1)
+                server.restart()
+            finally:
+                os.kill(worker.pid, signal.SIGCONT)
+            assert wait_end(records, job_id, timeout=90)["state"] == "succeeded"
+            after = submit(server, records, epochs=1)
+            assert wait_end(records, after, timeout=60)["state"] == "succeeded"
         finally:
             worker.stop()

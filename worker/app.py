@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 from celery import Celery, signals
 from celery.exceptions import CPendingDeprecationWarning
 from kombu.transport import redis as kombu_redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from labctl.shared.celery_config import (
     QUEUES,
@@ -37,6 +39,9 @@ from labctl.shared.redis_tls import redis_target
 from labctl.shared.settings import get_settings, redact_url
 
 log = logging.getLogger(__name__)
+
+#: For the consumer's pubsub reads: fail at once (``GuardedRedisChannel._receive_one``).
+NO_RETRY = Retry(NoBackoff(), 0)
 
 
 class GuardedRedisChannel(kombu_redis.Channel):
@@ -59,6 +64,18 @@ class GuardedRedisChannel(kombu_redis.Channel):
             log.error("rejected malformed message (not a kombu JSON envelope): %s: %s",
                       type(exc).__name__, exc)
             return True  # consumed; the poller issues the next BRPOP
+
+    def _receive_one(self, c):
+        # A pubsub read (remote control, broadcast) that fails must reach Celery, which then
+        # reconnects the whole consumer. redis-py would retry it in place: reconnect,
+        # resubscribe and read again, and that second read blocks with no timeout
+        # (PubSub.parse_response(block=True)) on a socket nothing said was readable, so the
+        # event loop stops for good and the worker takes no more jobs. Seen when Redis
+        # restarted while the worker was stopped: on waking, the old socket reads EOF and the
+        # new server already answers (tests/test_queue_crash.py).
+        if c.connection is not None:
+            c.connection.retry = NO_RETRY
+        return super()._receive_one(c)
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         connection_errors = self.connection.connection_errors + self.connection.channel_errors
