@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARTIFACTS ?= artifacts
 
-.PHONY: demo test test-fast test-containers bench lint venv clean
+.PHONY: demo test test-fast container-engine test-containers bench lint venv clean
 
 venv: $(STAMP)
 
@@ -31,13 +31,23 @@ test-fast: $(STAMP)
 ## test-containers: the compose stack in containers (podman from ../shared/tools/container-engine)
 ## Not part of `test`: it needs that engine. Builds the image first (its dependency layer is cached).
 CONTAINER_ENGINE ?= ../shared/tools/container-engine
-test-containers: $(STAMP)
+PODMAN_SOCKET := unix:///run/podman/podman.sock
+# podman reads our settings instead of /etc's (tests/containers.conf says why: runc).
+container-engine test-containers: export CONTAINERS_CONF := $(abspath tests/containers.conf)
+
+## container-engine: set up podman and its socket for test-containers (fails with one line why)
+container-engine:
+	@command -v runc >/dev/null || { echo "container engine: runc is not installed (apt-get install runc)" >&2; exit 1; }
 	$(CONTAINER_ENGINE) setup
+	@runtime=$$(podman --remote --url $(PODMAN_SOCKET) info --format '{{.Host.OCIRuntime.Name}}'); \
+	  [ "$$runtime" = runc ] || { echo "container engine: podman's socket service runs $$runtime, not runc: it was started without tests/containers.conf; run $(CONTAINER_ENGINE) stop, then this again" >&2; exit 1; }
+
+test-containers: $(STAMP) container-engine
 	# Docker image format: podman's default (OCI) drops the Dockerfile's HEALTHCHECK, and the
 	# workers' health (and compose's service_healthy) comes from it.
 	BUILDAH_FORMAT=docker $(CONTAINER_ENGINE) build-image
 	LABCTL_CONTAINER_TESTS=1 LABCTL_CONTAINER_ENGINE=$(abspath $(CONTAINER_ENGINE)) \
-		DOCKER_HOST=unix:///run/podman/podman.sock $(PY) -m pytest -q -m containers tests/test_containers.py
+		DOCKER_HOST=$(PODMAN_SOCKET) $(PY) -m pytest -q -m containers tests/test_containers.py
 
 ## bench: speed ratios against references, written to docs/benchmarks.md
 bench: $(STAMP)

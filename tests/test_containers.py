@@ -50,10 +50,12 @@ pytestmark = [
                        reason="container tests run with `make test-containers`"),
 ]
 
-#: A digits job that trains for about half a minute in a container, long enough to be
-#: stopped mid-way and scraped more than once (batch 2 makes an epoch take seconds).
+#: A digits job that trains for about half a minute in a container on a quiet machine (batch 2:
+#: an epoch is ~0.6 s), long enough to be stopped after its second epoch with most still to go.
+#: Longer under load, which the waits allow for; the Redis test pauses the worker instead of
+#: counting on any job's length.
 LONG_JOB = ["--model", "numpy-cnn", "--dataset", "digits", "--opt", "adamax",
-            "--epochs", "8", "--batch-size", "2", "--seed", "1"]
+            "--epochs", "40", "--batch-size", "2", "--seed", "1"]
 SHORT_JOB = ["--model", "numpy-cnn", "--dataset", "digits", "--opt", "adamax",
              "--epochs", "2", "--batch-size", "16"]
 ENDED = ("succeeded", "failed", "cancelled")
@@ -72,8 +74,9 @@ class Stack:
                "FLOWER_PASSWORD": "unused", "DATA_DIR": str(data_dir),
                "REDIS_PORT": str(self.redis_port), "PROMETHEUS_PORT": str(self.prometheus_port),
                "WORKER_SHM_SIZE": "256m", "LABCTL_IMAGE": IMAGE,
-               # Short heartbeats: a job left by a lost worker is noticed within seconds.
-               "LABCTL_HEARTBEAT_SECONDS": "2", "LABCTL_HEARTBEAT_TIMEOUT_SECONDS": "20"}
+               # The Redis test pauses the worker (heartbeats and all) for up to a minute or
+               # two under load: its own lease must not run out meanwhile.
+               "LABCTL_HEARTBEAT_SECONDS": "2", "LABCTL_HEARTBEAT_TIMEOUT_SECONDS": "300"}
         self.env_file = tmp / "compose.env"
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
         # The developer's shell must not override the env file (compose prefers it).
@@ -152,7 +155,7 @@ class Stack:
     def record(self, job_id: str) -> dict:
         return self.records.get(job_id) or {}
 
-    def wait_state(self, job_id: str, states: tuple[str, ...], timeout: float = 240) -> dict:
+    def wait_state(self, job_id: str, states: tuple[str, ...], timeout: float = 480) -> dict:
         return wait_for(lambda: (r := self.record(job_id)).get("state") in states and r,
                         timeout, interval=0.5, what=f"job {job_id} to be {states}")
 
@@ -289,12 +292,23 @@ def test_prometheus_scrapes_the_worker_and_the_dashboard_has_data_for_the_job(st
 
 def test_a_redis_restart_mid_job_loses_neither_the_job_nor_the_queued_ones(stack):
     running = stack.submit(*LONG_JOB)
-    queued = [stack.submit(*SHORT_JOB, "--seed", str(seed)) for seed in (2, 3)]
     stack.wait_epoch(running, 1)
-    assert [stack.record(j)["state"] for j in queued] == ["queued", "queued"]
-    stack.compose("restart", "redis", timeout=120)
-    # AOF on the redis-data volume: the records and the queue came back with Redis.
-    wait_for(lambda: _pings(stack), 60, interval=0.5, what="redis to answer again")
+    # Frozen mid-job (SIGSTOP-like, through the cgroup freezer) for the submissions and the
+    # restart, so the job is certainly still running when Redis goes, however fast it trains.
+    # podman's own pause: compose v1 lists only running containers, so its `unpause` finds
+    # none on podman (a paused container is not in `ps`).
+    (worker,) = stack.container_ids("worker-cpu")
+    subprocess.run(["podman", "pause", worker], check=True, capture_output=True, timeout=60)
+    try:
+        queued = [stack.submit(*SHORT_JOB, "--seed", str(seed)) for seed in (2, 3)]
+        assert stack.record(running)["state"] == "running"
+        assert [stack.record(j)["state"] for j in queued] == ["queued", "queued"]
+        stack.compose("restart", "redis", timeout=120)
+        # AOF on the redis-data volume: the records and the queue came back with Redis.
+        wait_for(lambda: _pings(stack), 60, interval=0.5, what="redis to answer again")
+    finally:
+        subprocess.run(["podman", "unpause", worker], check=True, capture_output=True,
+                       timeout=60)
     for job_id in (running, *queued):
         record = stack.wait_state(job_id, ENDED)
         assert record["state"] == "succeeded", (job_id, record, stack.logs())
@@ -315,9 +329,9 @@ def test_two_cpu_workers_get_distinct_names_and_share_the_queue(stack):
              what="two healthy worker-cpu replicas")
     names = wait_for(lambda: len(n := {w["name"] for w in stack.records.live_workers()}) == 2
                      and n, 60, interval=1, what="two live workers")
-    jobs = [stack.submit("--model", "numpy-cnn", "--dataset", "digits", "--epochs", "3",
-                         "--batch-size", "2", "--seed", str(seed))
-            for seed in (4, 5)]
+    # Each job outlasts the next one's submission (a few seconds of `compose run`), so the
+    # second goes to the idle worker: prefetch 1, and the busy one holds its single slot.
+    jobs = [stack.submit(*LONG_JOB[:-2], "--seed", str(seed)) for seed in (4, 5)]
     records = [stack.wait_state(job_id, ENDED) for job_id in jobs]
     assert [r["state"] for r in records] == ["succeeded", "succeeded"], records
     assert {r["worker"] for r in records} == names, (records, names)
