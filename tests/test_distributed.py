@@ -34,6 +34,8 @@ from labctl.shared.testing import (
     wait_for,
 )
 from labctl.worker.app import make_app
+from labctl.worker.ddp_launcher import DistributedEngine
+from labctl.worker.engine import RankLost
 from labctl.worker.runner import run_job
 
 RESNET = {"model": "resnet50", "dataset": "digits", "image_size": 32, "batch_size": 16,
@@ -137,6 +139,21 @@ def wait_end(records: JobRecords, job_id: str, timeout: float) -> dict:
 def wait_for_ranks(worker: WorkerProcess, count: int) -> list[int]:
     return wait_for(lambda: len(pids := spawned_children(worker.pid)) == count and pids,
                     120, interval=0.2, what=f"{count} ranks under worker {worker.name}")
+
+
+def test_a_rank_killed_between_calls_is_reported_as_lost_not_as_a_broken_pipe(tmp_path):
+    # Killed after its last answer, a rank is not there to take the next command: the send
+    # to its pipe fails. That is the rank's death (the job is handed back), not the job's
+    # own BrokenPipeError (the job would fail).
+    engine = DistributedEngine(build_spec(dict(RESNET, devices=2, limit_train=32,
+                                               limit_test=16, epochs=1)))
+    try:
+        os.kill(engine.pids[1], signal.SIGKILL)
+        wait_for(lambda: not engine.ranks[1].is_alive(), 30, what="rank 1 to die")
+        with pytest.raises(RankLost, match="rank 1 of 2 was killed by SIGKILL"):
+            engine.evaluate()
+    finally:
+        engine.close()
 
 
 @pytest.mark.integration

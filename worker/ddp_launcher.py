@@ -160,8 +160,11 @@ class DistributedEngine:
 
     def _call(self, command: str, *args: Any, on_batch: BatchCallback | None = None
               ) -> list[Any]:
-        for conn in self.conns:
-            conn.send((command, args))
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send((command, args))
+            except OSError:  # BrokenPipeError: the rank died after its last answer
+                self._fail(rank, None)
         return self._wait(on_batch)
 
     def _wait(self, on_batch: BatchCallback | None = None) -> list[Any]:
