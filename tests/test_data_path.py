@@ -8,6 +8,7 @@ import logging
 
 import PIL.Image
 import pytest
+import torch
 from datasets_factory import make_mini_stanford_cars
 
 from labctl.shared.artifacts import ArtifactStore
@@ -125,25 +126,34 @@ def test_data_path_applies_to_resnet50_on_photos(overrides, field):
     assert caught.value.field == field or str(caught.value).startswith(field)
 
 
-@pytest.mark.slow
-def test_cache_and_stream_reach_the_same_accuracy_band(tmp_path):
-    # A short ResNet50 run on a miniature Stanford Cars (each image cropped to its car box,
-    # one colour per class), once per data path. 60 steps: BatchNorm's running statistics
-    # need about that many before evaluation mode predicts what training mode does.
+def loader_tensors(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(loader)
+    return (torch.cat([images.float() for images, _ in batches]),
+            torch.cat([labels for _, labels in batches]))
+
+
+def test_cache_and_stream_give_the_network_the_same_learnable_images(tmp_path):
+    # What a data path must get right for a network to learn: each image with its own label,
+    # cropped to its car box and normalised like the other path. A nearest-class-mean
+    # classifier on the loaders' own tensors checks exactly that; a ResNet50 trained on a
+    # dozen images at batch 4 lands anywhere from chance to perfect from one machine (or one
+    # test order) to the next. One colour per class: a path that mixes up labels, crops or
+    # channels scores near chance.
     base = make_mini_stanford_cars(tmp_path / "data", "official", n_classes=3, per_class=4,
                                    test_per_class=4)
-    accuracies = {}
+    statistics = {}
     for data_path in ("cache", "stream"):
-        engine = TorchEngine(cars_spec(base, data_path=data_path, image_size=16, epochs=20,
-                                       lr=1e-3, crop_to_bbox=True))
+        engine = TorchEngine(cars_spec(base, data_path=data_path, image_size=16,
+                                       crop_to_bbox=True))
         assert engine.data_path == data_path
-        for epoch in range(1, 21):
-            engine.train_one_epoch(epoch, lambda batch, batches: None)
-        result = engine.evaluate()
-        accuracies[data_path] = float((result.y_true == result.y_pred).mean())
-    chance = 1 / 3
-    assert all(a >= chance + 0.3 for a in accuracies.values()), accuracies
-    assert abs(accuracies["cache"] - accuracies["stream"]) <= 0.34, accuracies
+        train, train_labels = loader_tensors(engine.train_loader)
+        test, test_labels = loader_tensors(engine.test_loader)
+        assert sorted(train_labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+        class_means = torch.stack([train[train_labels == c].mean(0) for c in range(3)])
+        distances = ((test[:, None] - class_means[None]) ** 2).flatten(2).sum(2)
+        assert distances.argmin(1).tolist() == test_labels.tolist(), data_path
+        statistics[data_path] = torch.stack([test.mean(), test.std()])
+    assert torch.allclose(statistics["cache"], statistics["stream"], atol=0.05), statistics
 
 
 def test_a_full_disk_streams_unless_the_cache_is_already_there(tmp_path, monkeypatch):
