@@ -41,6 +41,8 @@ ACTIVATIONS = (ReLU, Sigmoid)
 #: Blocks with at most this many input channels build im2col transposed (see _im2col).
 #: Measured on case (d)'s 3->32 first block: 10-20% faster forward, backward no slower.
 CHANNEL_MAJOR_MAX_CHANNELS = 3
+#: Row length (elements) :func:`wide_rows` aims for.
+ROW_ELEMENTS = 256
 
 
 def activation_name(layer: Layer | None) -> str | None:
@@ -50,19 +52,38 @@ def activation_name(layer: Layer | None) -> str | None:
     return "relu" if isinstance(layer, ReLU) else "sigmoid"
 
 
+def wide_rows(values: np.ndarray) -> np.ndarray:
+    """A contiguous (..., F) array as a 2-D view whose rows are its trailing dimensions
+    (from F outwards) up to at least ROW_ELEMENTS long, so every row is a whole number of
+    channel vectors. Binary ufuncs with a broadcast row run their SIMD loop over each row:
+    on (rows, F) with F = 32 a per-channel bias add took 2x as long (measured)."""
+    length = 1
+    for dim in reversed(values.shape[1:] or values.shape):
+        length *= dim
+        if length >= ROW_ELEMENTS:
+            break
+    return values.reshape(-1, length)
+
+
+def zeros_row(length: int, dtype: np.dtype) -> np.ndarray:
+    """A per-thread (length,) buffer of zeros that nothing writes."""
+    return scratch("zeros_row", (length,), dtype, region=("zeros",))
+
+
 def activate_(values: np.ndarray, activation: str | None) -> None:
-    """Apply the activation in place on ``values`` (any shape)."""
+    """Apply the activation in place on ``values`` (a 2-D view, e.g. :func:`wide_rows`)."""
     if activation == "relu":
-        np.maximum(values, 0, out=values)
+        # max against a row of zeros, not the scalar 0: NumPy's maximum has no SIMD loop
+        # for a scalar operand (measured 3x slower than against a broadcast row).
+        np.maximum(values, zeros_row(values.shape[-1], values.dtype), out=values)
     elif activation == "sigmoid":
-        # 1 / (1 + exp(-x)): exp overflows to inf for x < -88 (float32) and 1 / inf is the
-        # right 0 (and exp's underflow to 0 the right 1), so the warnings are noise.
-        # Measured faster than the tanh form.
-        with np.errstate(over="ignore", under="ignore"):
-            np.negative(values, out=values)
-            np.exp(values, out=values)
-            values += 1
-            np.reciprocal(values, out=values)
+        # sigmoid(x) = (1 + tanh(x / 2)) / 2: tanh saturates to +-1 without overflow and
+        # its SIMD loop is 2x as fast as exp; with the scalar multiplies and add the four
+        # passes take 0.6x the time of 1 / (1 + exp(-x)) (measured, float32).
+        values *= 0.5
+        np.tanh(values, out=values)
+        values *= 0.5
+        values += 0.5
 
 
 def activation_grad(grad_out: np.ndarray, out: np.ndarray, activation: str | None,
@@ -173,6 +194,13 @@ class ConvBlock:
         out = np.empty((n, po, qo, f), dtype)
         argmax = np.empty((n, po, qo, f), np.uint8) if train and self.pool else None
         pool = self.pool
+        tiled: dict[int, np.ndarray] = {}
+
+        def bias_row(length: int) -> np.ndarray:
+            """The bias repeated along a row of :func:`wide_rows` (length a multiple of F)."""
+            if length not in tiled:
+                tiled[length] = np.tile(bias, length // f)
+            return tiled[length]
 
         def run(part: slice) -> None:
             nc = part.stop - part.start
@@ -184,8 +212,8 @@ class ConvBlock:
                 conv = scratch("conv_out", (nc, out_h, out_w, f), dtype)
                 np.matmul(cols, w_mat, out=conv.reshape(-1, f))
                 self._pool_forward(conv, out[part], None if argmax is None else argmax[part])
-            result = out[part]
-            result += bias
+            result = wide_rows(out[part])
+            result += bias_row(result.shape[1])
             activate_(result, self.activation)
 
         parallel_map(run, self._chunks(n, out_h * out_w * w_mat.shape[0] * x.itemsize))
