@@ -51,11 +51,30 @@ def conv_configs() -> list[dict]:
 
 CONFIGS = conv_configs()
 
+#: Rectangular kernels, strides and paddings: a row stride of 1 with a column stride of 2
+#: (the input gradient's GEMMs then write grad_in's rows directly), 2 with 1, a kernel
+#: narrower than its column stride (columns no tap reaches), and a pool after a (1, 3)
+#: stride; each input width a whole multiple of the column stride or not.
+RECT_CONFIGS = [
+    dict(kernel=(3, 5), stride=(1, 2), padding=(1, 2), channels=3, batch=2, size=(7, 10),
+         filters=2, activation="relu", pool=None),
+    dict(kernel=(5, 3), stride=(2, 1), padding=(2, 0), channels=1, batch=1, size=(9, 6),
+         filters=2, activation="sigmoid", pool=None),
+    dict(kernel=(3, 1), stride=(3, 2), padding=(0, 0), channels=4, batch=3, size=(10, 7),
+         filters=2, activation=None, pool=None),
+    dict(kernel=(7, 3), stride=(1, 3), padding=(3, 1), channels=3, batch=2, size=(8, 9),
+         filters=2, activation="sigmoid", pool=(2, 2)),
+]
+
+
+def _hw(value: int | tuple[int, int]) -> str:
+    return f"{value[0]}x{value[1]}" if isinstance(value, tuple) else str(value)
+
 
 def config_id(c: dict) -> str:
     pool = f"-pool{c['pool'][0]}s{c['pool'][1]}" if c["pool"] else ""
-    return (f"k{c['kernel']}s{c['stride']}p{c['padding']}-c{c['channels']}-n{c['batch']}-"
-            f"{c['size'][0]}x{c['size'][1]}-{c['activation']}{pool}")
+    return (f"k{_hw(c['kernel'])}s{_hw(c['stride'])}p{_hw(c['padding'])}-c{c['channels']}-"
+            f"n{c['batch']}-{c['size'][0]}x{c['size'][1]}-{c['activation']}{pool}")
 
 
 def test_configs_cover_the_issue_grid():
@@ -106,7 +125,7 @@ def kink_margins(c: dict, conv: Conv2D, x_nhwc: np.ndarray) -> tuple[float, floa
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])
-@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", CONFIGS + RECT_CONFIGS, ids=config_id)
 def test_conv_block_gradients_match_central_differences(monkeypatch, threads, config):
     monkeypatch.setenv("LABCTL_NUMPY_THREADS", threads)
     block, conv = make_block(config)
@@ -118,7 +137,7 @@ def test_conv_block_gradients_match_central_differences(monkeypatch, threads, co
     check_gradients(block.forward, block.backward, x, conv.params, conv.grads)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", CONFIGS + RECT_CONFIGS, ids=config_id)
 def test_conv_block_matches_torch(monkeypatch, config):
     monkeypatch.setenv("LABCTL_NUMPY_THREADS", "2")
     block, conv = make_block(config, seed=5)
