@@ -169,10 +169,17 @@ class Requeue(NamedTuple):
     attempt: int = 0
 
 
-def hand_back(records: JobRecords, job_id: str, owner: str) -> Requeue:
-    """Our worker is shutting down: the job goes back to the queue as the next attempt
-    (a hand-back is not a worker loss), or ends cancelled if the user asked meanwhile."""
-    return Requeue(*records.release(job_id, owner))
+def hand_back(records: JobRecords, store: ArtifactStore, job_id: str, owner: str,
+              loss: str | None = None, max_losses: int = MAX_WORKER_LOSSES) -> Requeue:
+    """Our worker gives the job up: it goes back to the queue as the next attempt, or ends
+    cancelled if the user asked meanwhile. A shutdown is not a loss; ``loss`` (a process of
+    the job was killed: the OOM killer, a GPU fault) is, and the job fails once it has lost
+    ``max_losses`` workers or processes, as the reaper decides for lost workers. An end
+    decided here is mirrored into the job's folder."""
+    result = Requeue(*records.release(job_id, owner, loss, max_losses))
+    if result.outcome in ("failed", "cancelled"):
+        _mirror_record_end(records, store.job(job_id), job_id)
+    return result
 
 
 def reap(records: JobRecords, store: ArtifactStore, job_id: str,

@@ -171,10 +171,13 @@ end
 return 1
 """
 
-# KEYS: record, lease, running set. ARGV: job id, max attempts, now (JSON), owner (JSON) or ''.
-# With an owner: that worker hands its job back (graceful shutdown). Without: the reaper
-# requeues a running job whose lease expired. Either way the job is queued again with
-# attempts + 1, exactly once however many reapers race, and the caller sends the message.
+# KEYS: record, lease, running set. ARGV: job id, max losses, now (JSON), owner (JSON) or '',
+# what the owner lost (JSON) or ''.
+# With an owner: that worker hands its job back (graceful shutdown, or a process of the job
+# was killed: ARGV[5] says which, and that counts as a loss). Without: the reaper requeues a
+# running job whose lease expired (a lost worker). Either way the job is queued again with
+# attempts + 1, exactly once however many reapers race, and the caller sends the message;
+# or it fails once its losses reach the maximum.
 _REQUEUE = f"""
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= '{_RUNNING}' then
@@ -194,11 +197,15 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '{_TRUE}' then
   return {{'cancelled'}}
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
-if ARGV[4] == '' then
+if ARGV[4] == '' or ARGV[5] ~= '' then
   local lost = tonumber(redis.call('HGET', KEYS[1], 'workers_lost') or '0') + 1
   redis.call('HSET', KEYS[1], 'workers_lost', tostring(lost))
   if lost >= tonumber(ARGV[2]) then
     local why = '"worker lost ' .. lost .. ' times; not retrying"'
+    if ARGV[5] ~= '' then
+      why = cjson.encode('lost a process of the job ' .. lost .. ' times (last: ' ..
+                         cjson.decode(ARGV[5]) .. '); not retrying')
+    end
     redis.call('HSET', KEYS[1], 'state', '{json.dumps("failed")}', 'finished_at', ARGV[3],
                'error', why, 'owner', 'null')
     return {{'failed'}}
@@ -385,13 +392,18 @@ class JobRecords:
         requeued | alive | not-running | cancelled | failed."""
         return self._requeue_result(job_id, max_losses, owner="")
 
-    def release(self, job_id: str, owner: str) -> tuple[str, int]:
-        """Hand a running job back to the queue (our worker is shutting down)."""
-        return self._requeue_result(job_id, MAX_WORKER_LOSSES, owner=json.dumps(owner))
+    def release(self, job_id: str, owner: str, loss: str | None = None,
+                max_losses: int = MAX_WORKER_LOSSES) -> tuple[str, int]:
+        """Hand a running job back to the queue: our worker is shutting down, or (``loss``
+        says what) a process of the job was killed, which counts like a lost worker:
+        outcome ``failed`` once the job's losses reach ``max_losses``."""
+        return self._requeue_result(job_id, max_losses, owner=json.dumps(owner),
+                                    loss=json.dumps(loss) if loss else "")
 
-    def _requeue_result(self, job_id: str, max_losses: int, owner: str) -> tuple[str, int]:
+    def _requeue_result(self, job_id: str, max_losses: int, owner: str,
+                        loss: str = "") -> tuple[str, int]:
         result = self._requeue(keys=[job_key(job_id), lease_key(job_id), RUNNING_KEY],
-                               args=[job_id, max_losses, json.dumps(utc_now()), owner])
+                               args=[job_id, max_losses, json.dumps(utc_now()), owner, loss])
         return str(result[0]), int(result[1]) if len(result) > 1 else 0
 
     def fail_unclaimed(self, job_id: str, error: str) -> None:

@@ -23,7 +23,7 @@ from labctl.shared import lifecycle
 from labctl.shared.artifacts import ArtifactStore
 from labctl.shared.jobstate import TERMINAL_STATES
 from labctl.shared.queue import submit_job
-from labctl.shared.records import JobRecords
+from labctl.shared.records import MAX_WORKER_LOSSES, JobRecords
 from labctl.shared.spec import build_spec
 from labctl.shared.testing import (
     RedisServer,
@@ -193,6 +193,40 @@ def test_a_killed_rank_hands_the_job_back_and_it_resumes_each_epoch_once(redis_s
     resumed = [line for line in log if line.startswith("resumed from checkpoint after epoch")]
     assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) == killed_after
     assert worker.alive() or "Traceback" not in worker.log_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_job_whose_rank_is_killed_at_every_attempt_fails_after_the_maximum(redis_server,
+                                                                              tmp_path):
+    # An OOM kill that recurs (a batch too large for the host) must not requeue forever.
+    env = worker_env(tmp_path)
+    records = JobRecords.from_url(redis_server.url)
+    worker = WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env)
+    killed: set[int] = set()
+    try:
+        worker.start().wait_ready()
+        job_id = submit(redis_server, records, **RESNET, devices=2, epochs=50,
+                        limit_train=64, limit_test=32)
+        for attempt in range(1, MAX_WORKER_LOSSES + 1):
+            wait_for(lambda a=attempt: records.get(job_id)["attempts"] == a
+                     and records.get(job_id)["state"] == "running", 120, interval=0.1,
+                     what=f"attempt {attempt} to run")
+            ranks = wait_for(lambda: len(p := set(spawned_children(worker.pid)) - killed) == 2
+                             and sorted(p), 120, interval=0.2, what="this attempt's ranks")
+            os.kill(ranks[1], signal.SIGKILL)
+            killed.update(ranks)
+        record = wait_end(records, job_id, timeout=120)
+        assert worker.alive()
+    finally:
+        stop_all([worker])
+    assert record["state"] == "failed", record
+    assert record["attempts"] == MAX_WORKER_LOSSES
+    assert record["error"].startswith(
+        f"lost a process of the job {MAX_WORKER_LOSSES} times (last: rank ")
+    assert "killed by SIGKILL); not retrying" in record["error"]
+    folder = ArtifactStore(env["LABCTL_ARTIFACTS_DIR"]).job(job_id)
+    assert folder.read_status()["state"] == "failed"
 
 
 @pytest.mark.integration

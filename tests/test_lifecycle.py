@@ -121,7 +121,7 @@ class TestTransitionsAgainstRedis:
         lifecycle.run_started(folder, SPEC)
         lifecycle.run_ended(folder, JobState.SUCCEEDED, None, run_seconds=3.0)
         # Redis never heard of the end; the worker's hand-back requeues the job.
-        assert lifecycle.hand_back(records, job_id, "w:1:1") == ("requeued", 2)
+        assert lifecycle.hand_back(records, store, job_id, "w:1:1") == ("requeued", 2)
         assert lifecycle.claim(records, store, job_id, 2, "w:1:2", lease_seconds=30,
                                worker="w") is Claim.ENDED
         assert records.get(job_id)["state"] == "succeeded"
@@ -137,12 +137,36 @@ class TestTransitionsAgainstRedis:
         status = folder.read_status()
         assert status["state"] == "failed" and "worker lost" in status["error"]
 
+    def test_a_process_lost_at_each_attempt_fails_the_job_after_the_maximum(self, records,
+                                                                              store):
+        # A killed rank comes back through its worker's hand-back, not the reaper, and
+        # counts like a lost worker; shutdowns in between do not count.
+        job_id = self.queued(records)
+        folder = store.job(job_id)
+        lifecycle.claim(records, store, job_id, 1, "w:1:1", lease_seconds=30, worker="w")
+        lifecycle.run_started(folder, SPEC)
+        assert lifecycle.hand_back(records, store, job_id, "w:1:1", max_losses=2,
+                                   loss="rank 1 of 2 was killed by SIGKILL") == ("requeued", 2)
+        lifecycle.claim(records, store, job_id, 2, "w:1:2", lease_seconds=30, worker="w")
+        assert lifecycle.hand_back(records, store, job_id, "w:1:2",
+                                   max_losses=2) == ("requeued", 3)  # a shutdown
+        lifecycle.claim(records, store, job_id, 3, "w:1:3", lease_seconds=30, worker="w")
+        back = lifecycle.hand_back(records, store, job_id, "w:1:3", max_losses=2,
+                                   loss='rank 0 of 2 exited with code 1 and "no" error')
+        assert back.outcome == "failed"
+        record = records.get(job_id)
+        assert record["state"] == "failed" and records.running_ids() == []
+        assert record["error"] == ('lost a process of the job 2 times (last: rank 0 of 2 '
+                                   'exited with code 1 and "no" error); not retrying')
+        assert folder.read_status()["state"] == "failed"
+        assert folder.read_status()["error"] == record["error"]
+
     def test_a_job_cancelled_while_requeued_ends_cancelled_in_both(self, records, store):
         job_id = self.queued(records)
         lifecycle.claim(records, store, job_id, 1, "w:1:1", lease_seconds=30, worker="w")
         folder = store.job(job_id)
         lifecycle.run_started(folder, SPEC)
-        assert lifecycle.hand_back(records, job_id, "w:1:1").attempt == 2
+        assert lifecycle.hand_back(records, store, job_id, "w:1:1").attempt == 2
         assert lifecycle.cancel(records, job_id) == "queued"
         assert lifecycle.claim(records, store, job_id, 2, "w:1:2", lease_seconds=30,
                                worker="w") is Claim.TERMINAL

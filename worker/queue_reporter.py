@@ -45,9 +45,11 @@ class JobReleased(BaseException):  # noqa: N818 - a control-flow signal, like Sy
     is shutting down. A ``BaseException`` so the runner does not mark the job failed or
     cancelled: the artefact folder is left as it is, for the next attempt to resume."""
 
-    def __init__(self, reason: str, *, lost: bool):
+    def __init__(self, reason: str, *, lost: bool, counts_as_loss: bool = False):
         super().__init__(reason)
-        self.reason, self.lost = reason, lost
+        # lost: this worker no longer owns the job (someone else decides its fate).
+        # counts_as_loss: it still does, but a process of the job died (a killed rank).
+        self.reason, self.lost, self.counts_as_loss = reason, lost, counts_as_loss
 
 
 _handback = threading.Event()

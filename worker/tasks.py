@@ -192,7 +192,7 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
         reporter.close()  # on_end never ran: drop the job's live metric series here
         # Before the hand-back: a beat after it would find the lease gone and log it as lost.
         _stop_beating(heartbeat)
-        return _released(records, job_id, attempt, owner, released)
+        return _released(records, store, job_id, attempt, owner, released)
     finally:
         _stop_beating(heartbeat)
     # A job that failed is the job's news, not the worker's: a warning, never a traceback.
@@ -208,21 +208,26 @@ def _stop_beating(heartbeat: Heartbeat) -> None:
 
 
 def _hand_back_rank_lost(lost: RankLost) -> None:
-    """A killed rank (OOM killer, GPU fault) says nothing against the job: it goes back to
-    the queue and resumes from its last checkpoint, as after a worker shutdown."""
-    raise JobReleased(str(lost), lost=False)
+    """A killed rank (OOM killer, GPU fault) goes back to the queue and resumes from its
+    last checkpoint, like a job whose worker was lost, and counts as such a loss: a job
+    whose rank is killed every time fails after MAX_WORKER_LOSSES instead of looping."""
+    raise JobReleased(str(lost), lost=False, counts_as_loss=True)
 
 
-def _released(records: JobRecords, job_id: str, attempt: int, owner: str,
-              released: JobReleased) -> dict[str, Any]:
+def _released(records: JobRecords, store: ArtifactStore, job_id: str, attempt: int,
+              owner: str, released: JobReleased) -> dict[str, Any]:
     if released.lost:
         log.warning("job %s attempt %d abandoned: %s", job_id, attempt, released.reason)
         return {"job_id": job_id, "attempt": attempt, "state": "abandoned"}
-    back = lifecycle.hand_back(records, job_id, owner)
+    back = lifecycle.hand_back(records, store, job_id, owner,
+                               loss=released.reason if released.counts_as_loss else None)
     if back.outcome == "requeued":
         send_job(app, records, job_id, back.attempt)
         log.warning("job %s handed back (%s); requeued as attempt %d",
                     job_id, released.reason, back.attempt)
+    elif back.outcome == "failed":
+        log.warning("job %s attempt %d failed: %s", job_id, attempt,
+                    (records.get(job_id) or {}).get("error"))
     return {"job_id": job_id, "attempt": attempt, "state": back.outcome}
 
 
