@@ -427,3 +427,44 @@ def test_a_malformed_task_message_is_one_line_too(redis_server, tmp_path):
         "rejected malformed message bad-args: invalid job id '../../etc' (expected "
         "YYYYMMDD-HHMMSS-xxxxxx)")
     assert "Traceback" not in log and "Reject" not in log
+
+
+def test_a_rejected_message_is_one_log_line_without_a_traceback():
+    # Celery's own logging path for a Reject (the task raised it: Redis unavailable at the
+    # claim, or a shutdown), through the filter the worker installs on its logger.
+    import logging
+
+    from celery.app.task import Context
+    from celery.app.trace import TraceInfo
+    from celery.exceptions import Reject
+
+    import labctl.worker.tasks  # noqa: F401 - registers the task, as the worker's include does
+    from labctl.shared.celery_config import TASK_NAME
+    from labctl.worker.app import app, drop_reject_traceback
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    trace_log = logging.getLogger("celery.app.trace")
+    handler = Keep()
+    trace_log.addHandler(handler)
+    try:
+        for with_filter in (False, True):
+            if with_filter:
+                trace_log.addFilter(drop_reject_traceback)
+            try:
+                raise Reject("Redis unavailable: Connection refused", requeue=True)
+            except Reject as exc:
+                TraceInfo("REJECTED", exc).handle_reject(app.tasks[TASK_NAME], Context(
+                    id="20260101-000000-000001.1", hostname="w", args=[], kwargs={}))
+    finally:
+        trace_log.removeHandler(handler)
+        trace_log.removeFilter(drop_reject_traceback)
+    unfiltered, filtered = records
+    assert unfiltered.exc_info is not None  # Celery's default: with the traceback
+    assert filtered.exc_info is None
+    line = logging.Formatter("%(levelname)s %(message)s").format(filtered)
+    assert line.count("\n") == 0 and "Redis unavailable: Connection refused" in line, line

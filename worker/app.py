@@ -118,6 +118,16 @@ def make_app(redis_url: str | None = None) -> Celery:
 app = make_app()
 
 
+def drop_reject_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter: Celery logs every Reject with the traceback of the task's frame, but
+    ours are expected and say all in their message ("Redis unavailable: ...", "worker
+    shutting down; ..."): one line each."""
+    data = getattr(record, "data", None)
+    if isinstance(data, dict) and data.get("description") == "rejected":
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 @signals.celeryd_after_setup.connect
 def _prepare_worker(sender=None, **_kwargs) -> None:
     """Runs once in the worker process, after logging is set up and before it takes jobs."""
@@ -131,6 +141,7 @@ def _prepare_worker(sender=None, **_kwargs) -> None:
     # 0.4s: {'state': 'failed'}" for a job that failed says the opposite. Its warnings and
     # errors (a task that raised) still show.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+    logging.getLogger("celery.app.trace").addFilter(drop_reject_traceback)
     log.info("labctl worker: broker %s, artifacts %s, data %s",
              redact_url(settings.redis_url), settings.artifacts_dir, settings.data_dir)
     if settings.heartbeat_timeout_seconds < 2 * settings.heartbeat_seconds:
