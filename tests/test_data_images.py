@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from datasets_factory import write_jpeg
-from PIL import Image
+from PIL import Image, ImageOps
 
 from labctl.worker.data.cache import DecodedImages, decode_images, resize_short_side
 from labctl.worker.data.samples import ImageSamples, crop_box, open_rgb
@@ -66,3 +67,35 @@ def test_decoded_images_round_trip_and_pickle(tmp_path):
     write_jpeg(tmp_path / "0.jpg", (60, 40), GREY)
     again = decode_images(samples, 20, cache_dir=tmp_path / "cache")
     assert again.files != on_disk.files and abs(int(again[0][5, 5, 1]) - GREY[1]) < 10
+
+
+def sideways_photo(path: Path, orientation: int) -> Image.Image:
+    """A 40x24 JPEG with a distinct quadrant pattern, stored with EXIF ``orientation``.
+    Returns what a viewer shows (Pillow's own ``exif_transpose`` of the file)."""
+    pixels = np.zeros((24, 40, 3), np.uint8)
+    pixels[:12, :20] = (255, 0, 0)
+    pixels[:12, 20:] = (0, 255, 0)
+    pixels[12:, :20] = (0, 0, 255)
+    pixels[12:, 30:] = (255, 255, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=100, exif=exif.tobytes())
+    with Image.open(path) as stored:
+        return ImageOps.exif_transpose(stored).convert("RGB")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_photo_is_decoded_upright_whatever_its_exif_orientation(tmp_path, orientation):
+    upright = sideways_photo(tmp_path / "photo.jpg", orientation)
+    decoded = open_rgb(str(tmp_path / "photo.jpg"))
+    assert decoded.size == upright.size
+    assert np.array_equal(np.asarray(decoded), np.asarray(upright))
+
+
+def test_a_bounding_box_is_in_the_stored_pixels_and_its_crop_shown_upright(tmp_path):
+    # Orientation 3 (stored upside down): the stored box x 5..14, y 3..10 (1-based,
+    # inclusive) is, as shown, x 27..36, y 15..22 of the 40x24 picture.
+    upright = sideways_photo(tmp_path / "photo.jpg", 3)
+    decoded = open_rgb(str(tmp_path / "photo.jpg"), box=np.array([5, 3, 14, 10]))
+    expected = upright.crop((40 - 14, 24 - 10, 40 - 5 + 1, 24 - 3 + 1))
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))

@@ -31,7 +31,7 @@ from labctl.worker.data.samples import ImageSamples, open_rgb
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: the long side rounds down, as torchvision's
+CACHE_VERSION = 3  # 2: the long side rounds down, as torchvision's; 3: EXIF orientation
 MAX_ASPECT = 3.0
 ENV_CACHE_DIR = "LABCTL_DATA_CACHE_DIR"
 

@@ -53,6 +53,17 @@ class ImageSource:
     root: Path  # the folder the layout was found in (for messages and the decode cache)
 
 
+#: The EXIF Orientation tag, and the transpose that makes each of its values upright (what
+#: ``PIL.ImageOps.exif_transpose`` does, here applied after a crop in stored coordinates).
+EXIF_ORIENTATION = 0x0112
+ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def crop_box(size: tuple[int, int], box: np.ndarray) -> tuple[int, int, int, int]:
     """PIL crop rectangle (left, upper, right, lower) for a 1-based inclusive box, clamped
     to the image so a box that overhangs by a pixel (it happens in the devkit) still works."""
@@ -78,6 +89,7 @@ def open_image(path: str, mode: str, box: np.ndarray | None = None,
     """:func:`open_rgb` for any Pillow ``mode`` ("L" for the grey datasets)."""
     try:
         img = Image.open(path)
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
         if min_side and img.format == "JPEG":
             w, h = img.size
             region = (box[2] - box[0] + 1, box[3] - box[1] + 1) if box is not None else (w, h)
@@ -99,6 +111,10 @@ def open_image(path: str, mode: str, box: np.ndarray | None = None,
         raise DataError(f"cannot decode image {p.name} at {p.parent}: {why}") from None
     if box is not None:
         img = img.crop(crop_box(img.size, box))
+    # After the crop: a bounding box is in the stored pixels' coordinates. A phone photo
+    # stored sideways with its orientation in EXIF is then upright, as viewers show it.
+    if orientation in ORIENTATION_TRANSPOSE:
+        img = img.transpose(ORIENTATION_TRANSPOSE[orientation])
     return img
 
 
