@@ -158,8 +158,9 @@ def run_one_worker(queues: str, metrics_port: int | None, loglevel: str,
     try:
         # One thread: one job per process, trained beside the consumer rather than inside
         # it (as solo would), so the worker answers `celery inspect` and Flower while it
-        # trains. Threads, not prefork: no fork, and the job dies with the process.
-        app.worker_main(["worker", "--pool", "threads", "--concurrency", "1", "--queues", queues,
+        # trains. Threads, not prefork: no fork, and the job dies with the process. No
+        # --pool: the app's own (worker_pool, the threads pool with labctl's terminate).
+        app.worker_main(["worker", "--concurrency", "1", "--queues", queues,
                          "--hostname", hostname, "--loglevel", loglevel.upper(),
                          # Mingle and gossip sync worker state we don't use; skipping them
                          # makes a worker ready a second sooner.

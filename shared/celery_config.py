@@ -62,9 +62,10 @@ def celery_settings() -> dict[str, Any]:
         task_send_sent_event=True,
         # Never prefork (docs/queue.md, "One job per process"), and not solo either: on the
         # threads pool the job trains in the pool's one thread while the main thread answers
-        # remote control and Flower. A plain `celery -A labctl.worker.app worker` gets the
-        # same pool as `labctl worker`.
-        worker_pool="threads",
+        # remote control and Flower. Ours (worker/thread_pool.py) turns Celery's terminate
+        # into labctl's cancel. A plain `celery -A labctl.worker.app worker` gets the same
+        # pool as `labctl worker`. (A name, not an import: senders never load the worker.)
+        worker_pool="labctl.worker.thread_pool:TaskPool",
         # One job per process on any pool: `--pool threads` alone would start a thread per
         # core, each taking a job.
         worker_concurrency=1,

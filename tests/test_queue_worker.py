@@ -326,7 +326,7 @@ def test_plain_celery_worker_uses_one_thread_not_prefork_and_runs_jobs(stack, tm
             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: " ready." in log.read_text(), 90, interval=0.2, what="celery ready")
-        assert "concurrency: 1 (thread)" in log.read_text()  # the threads pool's module
+        assert "concurrency: 1 (thread_pool)" in log.read_text()  # our threads pool's module
         # The gpu queue, which only this worker reads here.
         job_id = submit_job(build_spec(TINY), records=stack.records, app=stack.app, queue="gpu")
         record = stack.wait_end(job_id)

@@ -38,6 +38,19 @@ from labctl.worker.runner import Reporter, Reporters, run_job
 
 log = logging.getLogger(__name__)
 
+#: The job this process is training, if any (one per process: concurrency 1).
+_running_job: str | None = None
+
+
+def cancel_running_job() -> str | None:
+    """Cancel the job this process is training, as ``labctl cancel`` does (it ends at its
+    next batch); returns its id, or None when none runs. For the pool's terminate."""
+    job_id = _running_job
+    if job_id is not None:
+        lifecycle.cancel(worker_records(), job_id,
+                         ArtifactStore(get_settings().artifacts_dir))
+    return job_id
+
 class MalformedMessage(ValueError):
     pass
 
@@ -183,7 +196,9 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
     record = records.get(job_id) or {}
     status_extra = {"worker": hostname, "attempts": attempt, "queue": record.get("queue"),
                     "sweep_id": spec.sweep_id}
+    global _running_job  # noqa: PLW0603 - the process's one running job, for terminate
     heartbeat.start()
+    _running_job = job_id
     try:
         outcome = run_job(spec, job_id, store, reporter, default_data_root=settings.data_dir,
                           allowed_data_dir=settings.data_dir, status_extra=status_extra,
@@ -194,6 +209,7 @@ def _run_claimed(records: JobRecords, store: ArtifactStore, spec: JobSpec, job_i
         _stop_beating(heartbeat)
         return _released(records, store, job_id, attempt, owner, released)
     finally:
+        _running_job = None
         _stop_beating(heartbeat)
     # A job that failed is the job's news, not the worker's: a warning, never a traceback.
     log.log(logging.WARNING if outcome.state == JobState.FAILED else logging.INFO,
