@@ -191,7 +191,8 @@ def test_a_killed_rank_hands_the_job_back_and_it_resumes_each_epoch_once(redis_s
     log = records.read_log(job_id)
     assert "requeued as attempt 2" in log
     resumed = [line for line in log if line.startswith("resumed from checkpoint after epoch")]
-    assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) == killed_after
+    # At or after the epoch read before the kill: the next one may checkpoint in between.
+    assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= killed_after
     assert worker.alive() or "Traceback" not in worker.log_text()
 
 
