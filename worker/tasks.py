@@ -51,6 +51,7 @@ def cancel_running_job() -> str | None:
                          ArtifactStore(get_settings().artifacts_dir))
     return job_id
 
+
 class MalformedMessage(ValueError):
     pass
 

@@ -62,6 +62,8 @@ def plan(key: tuple, build: Callable[[], tuple]) -> tuple:
             plans.clear()
         found = plans[key] = build()
     return found
+
+
 #: Blocks with at most this many input channels build im2col transposed (see _im2col).
 #: Measured on case (d)'s 3->32 first block: 10-20% faster forward, backward no slower.
 CHANNEL_MAJOR_MAX_CHANNELS = 3
@@ -334,7 +336,7 @@ class ConvBlock:
         one copy of W*C-float runs: copying each phase on its own moved C-float snippets
         to every sw-th pixel, about as slow as its GEMM for C = 16 (measured).
         """
-        h, w = size
+        w = size[1]
         key = ("input_grad", g.shape, g.dtype, size, grad_in.shape[3], self.conv.kernel_size,
                self.conv.stride, self.conv.padding)
         interior, row_phases = plan(key, lambda: self._input_grad_plan(g, grad_in.shape[3], size))
