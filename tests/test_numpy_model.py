@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,7 +25,12 @@ from labctl.worker.numpy_cnn import (
     softmax_cross_entropy,
 )
 from labctl.worker.numpy_cnn.fused import CHANNEL_MAJOR_MAX_CHANNELS, ConvReLUPool
-from labctl.worker.numpy_cnn.parallel import parallel_map, parallel_matmul, split_evenly
+from labctl.worker.numpy_cnn.parallel import (
+    batch_chunks,
+    parallel_map,
+    parallel_matmul,
+    split_evenly,
+)
 
 
 def layer_summary(model: Sequential) -> list[tuple[str, tuple]]:
@@ -252,6 +259,36 @@ def test_evaluation_forward_keeps_the_training_cache():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_parallel_map_raises_an_items_error_after_every_thread_stops(monkeypatch):
+    """A failing item is re-raised in the caller; the other threads stop claiming items,
+    and the pool still serves the next call."""
+    monkeypatch.setenv("LABCTL_NUMPY_THREADS", "2")
+    done = []
+
+    def work(i: int) -> int:
+        if i == 3:
+            raise ValueError("item 3")
+        done.append(i)
+        return i
+
+    with pytest.raises(ValueError, match="item 3"):
+        parallel_map(work, range(200))
+    assert len(done) < 199
+    assert parallel_map(lambda i: i * i, range(50)) == [i * i for i in range(50)]
+
+
+def test_parallel_map_runs_items_on_the_caller_and_the_pool(monkeypatch):
+    monkeypatch.setenv("LABCTL_NUMPY_THREADS", "2")
+
+    def where(i: int) -> str:
+        time.sleep(0.002)  # lets the other thread claim items meanwhile
+        return threading.current_thread().name
+
+    names = set(parallel_map(where, range(20)))
+    assert threading.current_thread().name in names
+    assert len(names) == 2
+
+
 def test_threads_work_in_a_forked_child():
     """The thread pool made before a fork must not be reused by the child (it would hang)."""
     model = build_default_cnn(1, 28, 10, np.random.default_rng(0))
@@ -267,6 +304,10 @@ def test_parallel_helpers_keep_order_nest_and_split_gemms_exactly(monkeypatch):
     monkeypatch.setenv("LABCTL_NUMPY_THREADS", "3")
     assert split_evenly(10, 3) == [slice(0, 3), slice(3, 6), slice(6, 10)]
     assert split_evenly(2, 5) == [slice(0, 1), slice(1, 2)]
+    # Chunks of about the asked size, as many as a multiple of the threads.
+    assert batch_chunks(64, 13) == split_evenly(64, 6)
+    assert batch_chunks(64, 0) == split_evenly(64, 64)  # an image bigger than a chunk
+    assert batch_chunks(2, 100) == split_evenly(2, 2)
     # A pool thread asking for the pool again runs inline instead of deadlocking.
     nested = parallel_map(lambda i: sum(parallel_map(lambda j: i * j, range(4))), range(6))
     assert nested == [6 * i for i in range(6)]

@@ -33,10 +33,9 @@ import numpy as np
 from labctl.worker.numpy_cnn.fused import CHUNK_BYTES, scratch, strided_view, sum_along
 from labctl.worker.numpy_cnn.layers import Conv2D, Layer, Linear, MaxPool2D, ReLU, Sigmoid
 from labctl.worker.numpy_cnn.parallel import (
-    num_threads,
+    batch_chunks,
     parallel_map,
     parallel_matmul,
-    split_evenly,
     sum_in_order,
 )
 
@@ -167,9 +166,8 @@ class ConvBlock:
         return out_h, out_w, po, qo
 
     def _chunks(self, n: int, bytes_per_image: int) -> list[slice]:
-        """Batch slices of about CHUNK_BYTES of im2col each, at least one per thread."""
-        per_chunk = max(1, CHUNK_BYTES // max(1, bytes_per_image))
-        return split_evenly(n, max(num_threads(), -(-n // per_chunk)))
+        """Batch slices of about CHUNK_BYTES of im2col each (see batch_chunks)."""
+        return batch_chunks(n, CHUNK_BYTES // max(1, bytes_per_image))
 
     def _im2col(self, x: np.ndarray, part: slice, out_h: int, out_w: int) -> np.ndarray:
         """The chunk's im2col matrix (n*Ho*Wo, kh*kw*C), columns (ky, kx, c).

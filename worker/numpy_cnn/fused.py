@@ -31,9 +31,8 @@ import numpy as np
 
 from labctl.worker.numpy_cnn.layers import Conv2D, Layer, MaxPool2D, ReLU
 from labctl.worker.numpy_cnn.parallel import (
-    num_threads,
+    batch_chunks,
     parallel_map,
-    split_evenly,
     sum_in_order,
 )
 
@@ -126,12 +125,10 @@ class ConvReLUPool:
         return out_h // 2, out_w // 2
 
     def _chunks(self, x: np.ndarray, pooled_pixels: int) -> list[slice]:
-        """Batch slices of about CHUNK_BYTES of im2col each (at least one image), and at
-        least one per thread."""
+        """Batch slices of about CHUNK_BYTES of im2col each (see batch_chunks)."""
         n, _, _, c = x.shape
         bytes_per_image = 4 * pooled_pixels * self.k * self.k * c * x.itemsize
-        per_chunk = max(1, CHUNK_BYTES // bytes_per_image)
-        return split_evenly(n, max(num_threads(), -(-n // per_chunk)))
+        return batch_chunks(n, CHUNK_BYTES // bytes_per_image)
 
     def _im2col(self, x: np.ndarray, part: slice, ph: int, pw: int) -> np.ndarray:
         """The chunk's im2col matrix: rows (dy, dx, n, py, px), columns (ky, kx, c), shape
