@@ -20,8 +20,8 @@ second also times the NumPy layers run one by one, without the fused blocks.
     python -m bench.numpy_vs_torch               # ~1-2 minutes; updates docs/benchmarks.md
     python -m bench.numpy_vs_torch --no-write --no-second-run --budget 4
 
-The measurement runs twice: here, with the environment as it is, and in a subprocess with
-OPENBLAS_CORETYPE removed (OpenBLAS then picks its kernels by CPU detection). Results go to
+Where the environment sets OPENBLAS_CORETYPE, the measurement runs twice: as it is, and in
+a subprocess without it (OpenBLAS then picks its kernels by CPU detection). Results go to
 the ``numpy-vs-torch`` section of docs/benchmarks.md; other sections are kept.
 """
 
@@ -286,6 +286,54 @@ def compare(case: Case, threads: int, budget_s: float, layer_by_layer: bool = Fa
     return result
 
 
+#: Blocks of each thread count in :func:`thread_scaling`.
+SCALING_BLOCKS = 8
+
+
+def thread_scaling(case: Case, threads: int) -> dict:
+    """The NumPy step's process CPU time and wall time on ``threads`` threads and on one,
+    in interleaved blocks of one process: how much of the step's work the threads add
+    (CPU time beyond one thread's) and how much they wait (wall time beyond an even split
+    of that CPU time)."""
+    ours, _, x, y = build_pair(case)
+    step = numpy_step(ours, x, y)
+    samples: dict[int, tuple[list[float], list[float]]] = {1: ([], []), threads: ([], [])}
+    for block in range(SCALING_BLOCKS):
+        for count in ((1, threads) if block % 2 == 0 else (threads, 1)):
+            with thread_count(count):
+                step()
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(3):
+                    step()
+                samples[count][0].append((time.perf_counter() - wall) / 3 * 1000)
+                samples[count][1].append((time.process_time() - cpu) / 3 * 1000)
+    return {str(count): {"wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu)}
+            for count, (wall, cpu) in samples.items()}
+
+
+def small_op_cpu_us(threads: int, calls: int = 20000) -> float:
+    """CPU microseconds per small NumPy call (a 4 KiB multiply into a buffer) when
+    ``threads`` threads make such calls at once, each on its own arrays: what one call's
+    Python, GIL and dispatch overhead costs as the thread count grows."""
+    import threading
+
+    spent = [0.0] * threads
+
+    def calls_on_own_arrays(index: int) -> None:
+        a, out = np.ones((32, 32), np.float32), np.empty((32, 32), np.float32)
+        start = time.thread_time()
+        for _ in range(calls):
+            np.multiply(a, a, out=out)
+        spent[index] = time.thread_time() - start
+
+    workers = [threading.Thread(target=calls_on_own_arrays, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return statistics.median(spent) / calls * 1e6
+
+
 def profile_numpy(model, x: np.ndarray, y: np.ndarray, repeats: int) -> list[tuple[str, float]]:
     """Median CPU milliseconds of each phase of one NumPy training step (run it on one
     thread: the calling thread then does all the work)."""
@@ -376,18 +424,25 @@ def measure(budget_s: float, profile_repeats: int) -> dict:
             for name in ("numpy", "torch"):
                 achieved = entry["step_gflop"] / (entry[key][f"{name}_ms"] / 1000)
                 entry[key][f"{name}_roofline"] = achieved / peak
+        if threads > 1:
+            entry["scaling"] = thread_scaling(case, threads)
         if profile_repeats:
             ours, theirs, x, y = build_pair(case)
             with thread_count(1):
                 entry["profile_numpy"] = profile_numpy(ours, x, y, profile_repeats)
                 entry["profile_torch"] = profile_torch(theirs, x, y, profile_repeats)
         result["cases"].append(entry)
+    if threads > 1:
+        result["small_op_us"] = {"1": small_op_cpu_us(1), str(threads): small_op_cpu_us(threads)}
     result["load_after"] = os.getloadavg()[0]
     return result
 
 
 def run_without_coretype(args: argparse.Namespace) -> dict | None:
-    """The same measurement in a child process whose environment lacks OPENBLAS_CORETYPE."""
+    """The same measurement in a child process whose environment lacks OPENBLAS_CORETYPE
+    (None where it is not set: the child would measure the same thing again)."""
+    if "OPENBLAS_CORETYPE" not in os.environ:
+        return None
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
     cmd = [sys.executable, "-m", "labctl.bench.numpy_vs_torch", "--child", "--budget",
            str(args.budget / 2), "--profile-repeats", "0"]
@@ -421,15 +476,16 @@ def render(main: dict, second: dict | None) -> str:
         "",
         f"| case | params | GFLOP/step | NumPy ms | torch ms | **ratio, {threads} threads "
         "(wall)** | ratio, 1 thread (CPU time) | roofline NumPy / torch, "
-        f"{threads} threads; 1 thread | same, OPENBLAS_CORETYPE removed | block ratios |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"{threads} threads; 1 thread |"
+        + (" same, OPENBLAS_CORETYPE removed |" if second else "") + " block ratios |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if second else "") + "---|",
     ]
     for i, case in enumerate(main["cases"]):
         par, one = case["parallel"], case["single"]
-        other = "n/a"
+        other = ""
         if second:
             o = second["cases"][i]
-            other = f"{o['parallel']['ratio']:.2f}x / {o['single']['ratio']:.2f}x"
+            other = f" {o['parallel']['ratio']:.2f}x / {o['single']['ratio']:.2f}x |"
         roofline = (f"{par['numpy_roofline']:.0%} / {par['torch_roofline']:.0%}; "
                     f"{one['numpy_roofline']:.0%} / {one['torch_roofline']:.0%}")
         lines.append(
@@ -437,8 +493,8 @@ def render(main: dict, second: dict | None) -> str:
             f"{par['numpy_ms']:.1f} | "
             f"{par['torch_ms']:.1f} | **{par['ratio']:.2f}x** ({verdict(par['ratio'])}) | "
             f"{one['ratio']:.2f}x ({one['numpy_ms']:.0f} vs {one['torch_ms']:.0f} ms, "
-            f"{verdict(one['ratio'])}) | {roofline} | "
-            f"{other} | {min(par['block_ratios']):.2f}-{max(par['block_ratios']):.2f} "
+            f"{verdict(one['ratio'])}) | {roofline} |"
+            f"{other} {min(par['block_ratios']):.2f}-{max(par['block_ratios']):.2f} "
             f"({par['blocks']} blocks) |")
     peaks = "; ".join(f"{c['case'].split()[0]} {c['parallel']['matmul_gflops']:.0f} / "
                       f"{c['single']['matmul_gflops']:.0f}" for c in main["cases"])
@@ -465,8 +521,9 @@ def render(main: dict, second: dict | None) -> str:
               "torch's 2-thread step took 170-280 ms for case (a) against 36-57 ms on one "
               "thread, and 52-83 ms with OMP_WAIT_POLICY=PASSIVE); our pool threads sleep "
               "while they wait. The single-thread CPU-time ratio is the stable measure of the "
-              "work each implementation does.",
-              "", "### Where the time goes (one thread, CPU time)", ""]
+              "work each implementation does.", ""]
+    lines += scaling_lines(main)
+    lines += ["", "### Where the time goes (one thread, CPU time)", ""]
     for case in main["cases"]:
         if "profile_numpy" not in case:
             continue
@@ -479,6 +536,40 @@ def render(main: dict, second: dict | None) -> str:
         lines += [f"| `{op}` | {ms:.2f} |" for op, ms in case["profile_torch"]]
         lines.append("")
     return "\n".join(lines) + NOTES
+
+
+def scaling_lines(main: dict) -> list[str]:
+    """Where the multi-threaded NumPy step loses time against an even split of the work."""
+    threads = main["threads"]
+    cases = [case for case in main["cases"] if "scaling" in case]
+    if not cases:
+        return []
+    key = str(threads)
+    lines = [f"### Where the time goes with {threads} threads", "",
+             f"The NumPy step on {threads} threads and on one, in interleaved blocks of one "
+             "process (`thread_scaling`): the CPU time all threads spent, and the wall time "
+             "against an even split of that CPU time.", "",
+             f"| case | CPU ms, 1 thread | CPU ms, {threads} threads | work added | wall ms, "
+             f"{threads} threads | even split of that CPU | waiting |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for case in cases:
+        one, many = case["scaling"]["1"], case["scaling"][key]
+        even = many["cpu_ms"] / threads
+        lines.append(f"| {case['case']} | {one['cpu_ms']:.1f} | {many['cpu_ms']:.1f} | "
+                     f"{many['cpu_ms'] / one['cpu_ms'] - 1:+.0%} | {many['wall_ms']:.1f} | "
+                     f"{even:.1f} | {max(0.0, many['wall_ms'] - even):.1f} ms |")
+    small = main.get("small_op_us")
+    if small:
+        lines += ["", f"A small NumPy call (a 4 KiB multiply) cost {small['1']:.2f} us of CPU on "
+                  f"one thread and {small[key]:.2f} us each with {threads} threads calling at "
+                  "once on their own arrays (same run). Every NumPy call takes and releases the "
+                  "GIL; with two threads the GIL changes hands at most of a step's calls, "
+                  "which costs CPU (futex calls, the lock's cache line moving between cores) "
+                  "and, when a thread has to sleep for it, a wake-up (a thread-pool hand-off "
+                  "took 20-50 us on this VM). Torch's threads run "
+                  "inside one C++ op without the GIL. What is left to do here is fewer, "
+                  "larger NumPy calls per chunk."]
+    return lines
 
 
 def where_time_goes(case: dict) -> str:
@@ -516,7 +607,10 @@ What made the NumPy version fast, in order of effect (compare the layer-by-layer
    pool while hot; backward recomputes the chunk's im2col instead of storing it.
 3. **Threads over batch chunks** with OpenBLAS held to one thread. It is set once per
    process: toggling OpenBLAS's thread count between calls made the next threaded GEMM
-   10-30x slower. The linear layers split their GEMMs by output columns instead.
+   10-30x slower. The calling thread works too and each thread claims the next chunk when
+   it is free, so a block wakes each helper thread once (handing every chunk over as a
+   future made case (d) 15% slower at two threads). The linear layers split their GEMMs by
+   output columns instead.
 4. **Input gradient as a transposed convolution** (flipped kernel, one GEMM) rather than
    GEMM + col2im; the first block skips it.
 5. **The same mechanisms for any network** (`worker/numpy_cnn/blocks.py`, cases (c) and
@@ -541,7 +635,11 @@ Tried and dropped (slower at 1 thread, A/B in one process): keeping the padded i
 whole im2col from forward for backward (re-padding and re-copying a chunk in cache beat
 reading either back), a separate coarser chunk loop for the input gradient, handing a
 strided input gradient to the previous block as row phases (its activation gradient then
-read a transposed view), other chunk sizes than 1 MiB of im2col (0.5-2 MiB).
+read a transposed view), other chunk sizes than 1 MiB of im2col (0.5-2 MiB). At two
+threads: a fixed half of the batch per thread, also with each thread pinned to its own CPU
+(no faster than claiming chunks; case (d) 10% slower), chunk counts not rounded to a
+multiple of the threads, glibc malloc thresholds that stop the per-step page faults, and
+freezing Python's garbage collector (each within noise).
 """
 
 

@@ -138,3 +138,21 @@ def test_missing_bench_package_is_one_line(monkeypatch):
     result = runner.invoke(cli, ["bench", "--quick"], catch_exceptions=False)
     assert result.exit_code == 1
     assert "pip install -e ." in result.stderr and "Traceback" not in result.output
+
+
+def test_numpy_bench_reports_where_two_threads_lose_time(bench_modules, monkeypatch):
+    """The multi-threaded section comes from a real measurement: CPU and wall time at both
+    thread counts for each case, and the small-call cost at both."""
+    nvt, _ = bench_modules
+    monkeypatch.setenv("LABCTL_NUMPY_THREADS", "2")
+    monkeypatch.setattr(nvt, "CASES", [nvt.Case("t", 1, 8, 4, 3)])
+    monkeypatch.setattr(nvt, "SCALING_BLOCKS", 2)
+    result = nvt.measure(budget_s=0.0, profile_repeats=1)
+    scaling = result["cases"][0]["scaling"]
+    assert set(scaling) == {"1", "2"}
+    assert all(v["cpu_ms"] > 0 and v["wall_ms"] > 0 for v in scaling.values())
+    assert set(result["small_op_us"]) == {"1", "2"}
+    text = nvt.render(result, None)
+    assert "### Where the time goes with 2 threads" in text
+    row = next(line for line in text.splitlines() if line.startswith("| (t)") and "ms |" in line)
+    assert f"{scaling['2']['cpu_ms']:.1f}" in row and f"{scaling['1']['cpu_ms']:.1f}" in row
