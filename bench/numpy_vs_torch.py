@@ -562,13 +562,15 @@ def scaling_lines(main: dict) -> list[str]:
     if small:
         lines += ["", f"A small NumPy call (a 4 KiB multiply) cost {small['1']:.2f} us of CPU on "
                   f"one thread and {small[key]:.2f} us each with {threads} threads calling at "
-                  "once on their own arrays (same run). Every NumPy call takes and releases the "
-                  "GIL; with two threads the GIL changes hands at most of a step's calls, "
-                  "which costs CPU (futex calls, the lock's cache line moving between cores) "
-                  "and, when a thread has to sleep for it, a wake-up (a thread-pool hand-off "
-                  "took 20-50 us on this VM). Torch's threads run "
-                  "inside one C++ op without the GIL. What is left to do here is fewer, "
-                  "larger NumPy calls per chunk."]
+                  "once on their own arrays (same run). Every NumPy call releases the GIL for its "
+                  "loop and takes it back after; a thread that finds it taken sleeps, and "
+                  "waking it takes tens of microseconds on this VM (a thread-pool hand-off "
+                  "took 20-50 us), as long as many of a chunk's copies and elementwise "
+                  "passes. In case (c)'s first block on its own, the two threads' chunks took "
+                  "twice the wall time and 1.4x the CPU time they take on one thread (GEMMs "
+                  "and strided copies alone scale in threads, and two one-thread processes "
+                  "do not slow each other). Torch's threads run inside one C++ op without "
+                  "the GIL. What is left to do here is fewer, longer NumPy calls per chunk."]
     return lines
 
 
