@@ -640,8 +640,8 @@ strided input gradient to the previous block as row phases (its activation gradi
 read a transposed view), other chunk sizes than 1 MiB of im2col (0.5-2 MiB). At two
 threads: a fixed half of the batch per thread, also with each thread pinned to its own CPU
 (no faster than claiming chunks; case (d) 10% slower), chunk counts not rounded to a
-multiple of the threads, glibc malloc thresholds that stop the per-step page faults, and
-freezing Python's garbage collector (each within noise).
+multiple of the threads, glibc malloc thresholds that stop the per-step page faults,
+freezing Python's garbage collector, and a shorter GIL switch interval (each within noise).
 """
 
 
