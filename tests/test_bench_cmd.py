@@ -156,3 +156,8 @@ def test_numpy_bench_reports_where_two_threads_lose_time(bench_modules, monkeypa
     assert "### Where the time goes with 2 threads" in text
     row = next(line for line in text.splitlines() if line.startswith("| (t)") and "ms |" in line)
     assert f"{scaling['2']['cpu_ms']:.1f}" in row and f"{scaling['1']['cpu_ms']:.1f}" in row
+    # The OPENBLAS_CORETYPE-removed column appears only with a second run to fill it.
+    assert "OPENBLAS_CORETYPE removed" not in text
+    assert "OPENBLAS_CORETYPE removed" in nvt.render(result, result)
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    assert nvt.run_without_coretype(None) is None  # nothing to remove: no second run
