@@ -38,7 +38,15 @@ container-engine test-containers: export CONTAINERS_CONF := $(abspath tests/cont
 ## container-engine: set up podman and its socket for test-containers (fails with one line why)
 container-engine:
 	@command -v runc >/dev/null || { echo "container engine: runc is not installed (apt-get install runc)" >&2; exit 1; }
-	$(CONTAINER_ENGINE) setup
+	@# The socket service outlives this checkout: started inside a clone that is later deleted,
+	@# every container it starts fails with "write child: broken pipe". Start it from /, and
+	@# restart one whose folder is gone.
+	@for pid in $$(pgrep -f '[p]odman system service'); do \
+	  if readlink /proc/$$pid/cwd | grep -q ' (deleted)$$'; then \
+	    echo "container engine: restarting podman's socket service: the folder it was started in is gone" >&2; \
+	    $(abspath $(CONTAINER_ENGINE)) stop; \
+	  fi; done
+	cd / && $(abspath $(CONTAINER_ENGINE)) setup
 	@runtime=$$(podman --remote --url $(PODMAN_SOCKET) info --format '{{.Host.OCIRuntime.Name}}'); \
 	  [ "$$runtime" = runc ] || { echo "container engine: podman's socket service runs $$runtime, not runc: it was started without tests/containers.conf; run $(CONTAINER_ENGINE) stop, then this again" >&2; exit 1; }
 
