@@ -365,7 +365,12 @@ class WorkerProcess:
             return ""
 
     def __enter__(self) -> WorkerProcess:
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:  # __exit__ does not run when __enter__ raises
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -166,9 +166,7 @@ def test_a_killed_rank_hands_the_job_back_and_it_resumes_each_epoch_once(redis_s
                                                                          tmp_path):
     env = worker_env(tmp_path)
     records = JobRecords.from_url(redis_server.url)
-    worker = WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env)
-    try:
-        worker.start().wait_ready()
+    with WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env) as worker:
         # Six epochs of a second or so each on a fast machine: the kill lands mid-job.
         job_id = submit(redis_server, records, **RESNET, devices=2, epochs=6, limit_train=64,
                         limit_test=32)
@@ -180,8 +178,6 @@ def test_a_killed_rank_hands_the_job_back_and_it_resumes_each_epoch_once(redis_s
         os.kill(ranks[1], signal.SIGKILL)
         assert killed_after < 5, "the job nearly finished before a rank could be killed"
         record = wait_end(records, job_id, timeout=400)
-    finally:
-        stop_all([worker])
 
     assert record["state"] == "succeeded", record["error"]
     assert record["attempts"] == 2  # handed back once, by the rank's death
@@ -204,10 +200,8 @@ def test_a_job_whose_rank_is_killed_at_every_attempt_fails_after_the_maximum(red
     # An OOM kill that recurs (a batch too large for the host) must not requeue forever.
     env = worker_env(tmp_path)
     records = JobRecords.from_url(redis_server.url)
-    worker = WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env)
     killed: set[int] = set()
-    try:
-        worker.start().wait_ready()
+    with WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env) as worker:
         job_id = submit(redis_server, records, **RESNET, devices=2, epochs=50,
                         limit_train=64, limit_test=32)
         for attempt in range(1, MAX_WORKER_LOSSES + 1):
@@ -220,8 +214,6 @@ def test_a_job_whose_rank_is_killed_at_every_attempt_fails_after_the_maximum(red
             killed.update(ranks)
         record = wait_end(records, job_id, timeout=120)
         assert worker.alive()
-    finally:
-        stop_all([worker])
     assert record["state"] == "failed", record
     assert record["attempts"] == MAX_WORKER_LOSSES
     assert record["error"].startswith(
@@ -236,9 +228,7 @@ def test_a_job_whose_rank_is_killed_at_every_attempt_fails_after_the_maximum(red
 def test_cancel_ends_every_rank_and_keeps_the_checkpoint(redis_server, tmp_path):
     env = worker_env(tmp_path)
     records = JobRecords.from_url(redis_server.url)
-    worker = WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env)
-    try:
-        worker.start().wait_ready()
+    with WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env) as worker:
         job_id = submit(redis_server, records, **RESNET, devices=2, epochs=20, limit_train=64,
                         limit_test=16)
         wait_for(lambda: (records.get(job_id)["epoch"] or 0) >= 1, 300, interval=0.1,
@@ -250,8 +240,6 @@ def test_cancel_ends_every_rank_and_keeps_the_checkpoint(redis_server, tmp_path)
                  what="both ranks to exit")
         record = wait_end(records, job_id, timeout=30)
         assert worker.alive()  # the worker lives on for the next job
-    finally:
-        stop_all([worker])
 
     assert record["state"] == "cancelled"
     folder = ArtifactStore(env["LABCTL_ARTIFACTS_DIR"]).job(job_id)
@@ -296,9 +284,7 @@ def test_a_job_asking_for_more_devices_than_any_worker_has_is_refused(redis_serv
     records = JobRecords.from_url(redis_server.url)
     labctl_env(redis_url=redis_server.url)
     cpus = os.cpu_count() or 1
-    worker = WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env)
-    try:
-        worker.start().wait_ready()
+    with WorkerProcess(redis_server.url, tmp_path / "w1.log", env=env) as worker:
         # The name's reservation comes first; the reaper's first round adds the capacity.
         announced = wait_for(lambda: [w for w in records.live_workers()
                                       if w["name"] == worker.hostname and "cpus" in w], 30,
@@ -317,8 +303,6 @@ def test_a_job_asking_for_more_devices_than_any_worker_has_is_refused(redis_serv
         job_id = submit(redis_server, records, **RESNET, devices=int(too_many), epochs=1,
                         limit_train=32)
         record = wait_end(records, job_id, timeout=60)
-    finally:
-        stop_all([worker])
     assert record["state"] == "failed"
     assert f"devices: {too_many} requested but worker {worker.hostname} has {cpus} CPUs" \
         in record["error"]

@@ -84,9 +84,7 @@ def test_job_survives_a_redis_restart(tmp_path):
     env = worker_env(tmp_path, timeout=10)
     with RedisServer(tmp_path / "redis", appendonly=True) as server:
         records = JobRecords.from_url(server.url)
-        worker = WorkerProcess(server.url, tmp_path / "w1.log", name="w1", env=env)
-        try:
-            worker.start().wait_ready()
+        with WorkerProcess(server.url, tmp_path / "w1.log", name="w1", env=env) as worker:
             job_id = submit(server, records)
             wait_for(lambda: (records.get(job_id)["epoch"] or 0) >= 1, 120, interval=0.02,
                      what="the first epoch")
@@ -100,8 +98,6 @@ def test_job_survives_a_redis_restart(tmp_path):
             after = submit(server, records, epochs=1)
             assert wait_end(records, after, timeout=60)["state"] == "succeeded"
             assert worker.alive()
-        finally:
-            worker.stop()
 
 
 def test_a_worker_frozen_through_a_redis_restart_takes_jobs_again(tmp_path):
@@ -112,9 +108,7 @@ def test_a_worker_frozen_through_a_redis_restart_takes_jobs_again(tmp_path):
     env = worker_env(tmp_path, timeout=60)
     with RedisServer(tmp_path / "redis", appendonly=True) as server:
         records = JobRecords.from_url(server.url)
-        worker = WorkerProcess(server.url, tmp_path / "w1.log", name="w1", env=env)
-        try:
-            worker.start().wait_ready()
+        with WorkerProcess(server.url, tmp_path / "w1.log", name="w1", env=env) as worker:
             os.kill(worker.pid, signal.SIGSTOP)
             try:
                 job_id = submit(server, records, epochs=1)
@@ -124,5 +118,3 @@ def test_a_worker_frozen_through_a_redis_restart_takes_jobs_again(tmp_path):
             assert wait_end(records, job_id, timeout=90)["state"] == "succeeded"
             after = submit(server, records, epochs=1)
             assert wait_end(records, after, timeout=60)["state"] == "succeeded"
-        finally:
-            worker.stop()
