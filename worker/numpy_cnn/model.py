@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from labctl.worker.numpy_cnn.allocator import keep_freed_memory
 from labctl.worker.numpy_cnn.blocks import ACTIVATIONS, ConvBlock, DenseBlock
 from labctl.worker.numpy_cnn.fused import ConvReLUPool, fusable
 from labctl.worker.numpy_cnn.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, _pair
@@ -47,10 +48,12 @@ class Sequential:
     """Layers applied in order. forward x: (N, C, H, W) (or (N, D)) -> the last layer's output.
 
     ``layers`` is the public list of per-layer objects; ``fuse=True`` groups them into
-    blocks over the same parameters (:func:`plan_steps`).
+    blocks over the same parameters (:func:`plan_steps`). Making one tunes malloc for the
+    process once (:func:`allocator.keep_freed_memory`): every step reuses its freed arrays.
     """
 
     def __init__(self, *layers: Layer, fuse: bool = True) -> None:
+        keep_freed_memory()
         self.layers = list(layers)
         self.fuse = fuse
         self._steps = plan_steps(self.layers) if fuse else list(self.layers)
