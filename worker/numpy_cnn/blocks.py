@@ -418,10 +418,12 @@ class ConvBlock:
                 g = self._pool_backward(g, argmax[part], out_h, out_w)
             g_rows = g.reshape(-1, f)
             cols = self._im2col(x, part, out_h, out_w)  # recomputed: cheaper than keeping it
+            # np.dot, not matmul: matmul keeps the GIL when its output is small (500 or fewer
+            # elements, e.g. 16 x 25), which stalls the other threads (see sum_along).
             if cols.flags.f_contiguous:  # channel-major im2col, cols = (K, M).T: (K, M) @ (M, F)
-                weight_grad = (cols.T @ g_rows).T  # with both operands row-major is 10-15%
-            else:                                  # faster for K = 25-27 (measured)
-                weight_grad = g_rows.T @ cols             # (F, kh*kw*C)
+                weight_grad = np.dot(cols.T, g_rows).T  # with both operands row-major is
+            else:                                       # 10-15% faster for K = 25-27 (measured)
+                weight_grad = np.dot(g_rows.T, cols)      # (F, kh*kw*C)
             if grad_in is not None:
                 self._input_grad(g, phases, grad_in[part], (h, w))
             return weight_grad, bias_grad

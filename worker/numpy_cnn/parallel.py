@@ -171,7 +171,7 @@ def parallel_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n = b.shape[1]
     threads = num_threads()
     if threads == 1 or m * k * n < MIN_PARALLEL_MACS or n < 2 * threads:
-        return a @ b
+        return np.dot(a, b)  # releases the GIL whatever the output's size (see sum_along)
     out = np.empty((m, n), np.result_type(a, b))
 
     def block(part: slice) -> None:
