@@ -12,10 +12,12 @@ The mechanisms are those that made the default network's fused block
   (:func:`parallel.parallel_map`): each chunk goes im2col -> GEMM -> bias -> pool ->
   activation while its buffers are in cache; backward recomputes the chunk's im2col rather
   than keeping a matrix kh*kw times the input.
-- **Elementwise work fused in place.** Bias, pooling and the activation run on the GEMM's
-  output buffer, and since max commutes with adding a per-channel bias and with any
-  non-decreasing activation, bias and activation run *after* pooling, on the pooled data.
-  Backward uses the saved (activated) output: ReLU' = out > 0, Sigmoid' = out * (1 - out).
+- **Elementwise work fused in place.** The bias rides in the GEMM (a column of ones in
+  the im2col matrix, the bias as the weight matrix's last row), so backward's weight-gradient
+  GEMM also yields the bias gradient. Pooling and the activation run on the GEMM's output
+  buffer; since max commutes with any non-decreasing activation, the activation runs
+  *after* pooling, on the pooled data. Backward uses the saved (activated) output:
+  ReLU' = out > 0, Sigmoid' = out * (1 - out).
 - **Input gradient as a transposed convolution**: one im2col + GEMM per stride phase
   (one in all for stride 1, see :meth:`ConvBlock._input_grad`), writing the input
   gradient directly; no col2im scatter-add, no ``np.add.at``. Max-pool backward routes the
@@ -30,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from labctl.worker.numpy_cnn.fused import CHUNK_BYTES, scratch, strided_view, sum_along
+from labctl.worker.numpy_cnn.fused import CHUNK_BYTES, scratch, strided_view
 from labctl.worker.numpy_cnn.layers import Conv2D, Layer, Linear, MaxPool2D, ReLU, Sigmoid
 from labctl.worker.numpy_cnn.parallel import (
     batch_chunks,
@@ -90,13 +92,26 @@ def wide_rows(values: np.ndarray) -> np.ndarray:
     return values.reshape(-1, length)
 
 
+def im2col_buffer(shape: tuple[int, int], dtype: np.dtype, ones_row: bool) -> np.ndarray:
+    """A per-thread im2col buffer whose last column (last row with ``ones_row``, for the
+    channel-major layout) is ones, which the weight matrix's bias row multiplies: the GEMM
+    adds the bias, and backward's weight-gradient GEMM sums the bias gradient, saving a pass
+    over the output and one over its gradient. Nothing else writes that line: filled once."""
+    buffer = scratch("conv_cols", shape, dtype, region=("ones", ones_row))
+    line = buffer[-1] if ones_row else buffer[:, -1]
+    if line[0] != 1:
+        line.fill(1)
+    return buffer
+
+
 def zeros_row(length: int, dtype: np.dtype) -> np.ndarray:
     """A per-thread (length,) buffer of zeros that nothing writes."""
     return scratch("zeros_row", (length,), dtype, region=("zeros",))
 
 
-def activate_(values: np.ndarray, activation: str | None) -> None:
-    """Apply the activation in place on ``values`` (a 2-D view, e.g. :func:`wide_rows`)."""
+def activate_(values: np.ndarray, activation: str | None, halved: bool = False) -> None:
+    """Apply the activation in place on ``values`` (a 2-D view, e.g. :func:`wide_rows`);
+    ``halved``: for a sigmoid, ``values`` hold x / 2 already (the weights were halved)."""
     if activation == "relu":
         # max against a row of zeros, not the scalar 0: NumPy's maximum has no SIMD loop
         # for a scalar operand (measured 3x slower than against a broadcast row).
@@ -105,7 +120,8 @@ def activate_(values: np.ndarray, activation: str | None) -> None:
         # sigmoid(x) = (1 + tanh(x / 2)) / 2: tanh saturates to +-1 without overflow and
         # its SIMD loop is 2x as fast as exp; with the scalar multiplies and add the four
         # passes take 0.6x the time of 1 / (1 + exp(-x)) (measured, float32).
-        values *= 0.5
+        if not halved:
+            values *= 0.5
         np.tanh(values, out=values)
         values *= 0.5
         values += 0.5
@@ -205,29 +221,36 @@ class ConvBlock:
         n, _, _, c = padded.shape
         (kh, kw), (sh, sw) = self.conv.kernel_size, self.conv.stride
         s_n, s_h, s_w, s_c = padded.strides
+        k, rows = kh * kw * c, n * out_h * out_w
         if c <= CHANNEL_MAJOR_MAX_CHANNELS:
             windows = strided_view(padded, (kh, kw, c, n, out_h, out_w),
                                    (s_h, s_w, s_c, s_n, sh * s_h, sw * s_w))
-            cols = scratch("conv_cols_t", windows.shape, padded.dtype)
-            result = cols.reshape(kh * kw * c, n * out_h * out_w).T
+            matrix = im2col_buffer((k + 1, rows), padded.dtype, ones_row=True)
+            cols, result = matrix[:k].reshape(windows.shape), matrix.T
         else:
             windows = strided_view(padded, (n, out_h, out_w, kh, kw, c),
                                    (s_n, sh * s_h, sw * s_w, s_h, s_w, s_c))
-            cols = scratch("conv_cols", windows.shape, padded.dtype)
-            result = cols.reshape(n * out_h * out_w, kh * kw * c)
+            result = im2col_buffer((rows, k + 1), padded.dtype, ones_row=False)
+            cols = result[:, :k].reshape(windows.shape)  # a view: rows keep their stride
         if copy:
             np.copyto(cols, windows)
         return windows, cols, result
 
     def _weight_matrix(self, dtype: np.dtype) -> np.ndarray:
-        """(kh*kw*C, F), rows in the im2col column order."""
-        weight = self.conv.params["weight"]
-        return np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, weight.shape[0]),
-                                    dtype)
+        """(kh*kw*C + 1, F): the weights, rows in the im2col column order, then the bias,
+        which the im2col matrix's column of ones multiplies. Halved before a sigmoid, whose
+        tanh form starts by halving its input (see :func:`activate_`)."""
+        weight, bias = self.conv.params["weight"], self.conv.params["bias"]
+        matrix = np.empty((weight[0].size + 1, weight.shape[0]), dtype)
+        matrix[:-1] = weight.transpose(2, 3, 1, 0).reshape(-1, weight.shape[0])
+        matrix[-1] = bias
+        if self.activation == "sigmoid":
+            matrix *= 0.5
+        return matrix
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """x: (N, H, W, C) -> (N, Po, Qo, F). ``train=False`` keeps no cache."""
-        weight, bias = self.conv.params["weight"], self.conv.params["bias"]
+        weight = self.conv.params["weight"]
         n, h, w, c = x.shape
         if c != self.conv.in_channels:
             raise ValueError(f"Conv2D expects {self.conv.in_channels} channels, got {c}")
@@ -236,17 +259,9 @@ class ConvBlock:
         dtype = np.result_type(x, weight)
         x = np.ascontiguousarray(x, dtype)
         w_mat = self._weight_matrix(dtype)
-        bias = bias.astype(dtype, copy=False)
         out = np.empty((n, po, qo, f), dtype)
         argmax = np.empty((n, po, qo, f), np.uint8) if train and self.pool else None
         pool = self.pool
-        tiled: dict[int, np.ndarray] = {}
-
-        def bias_row(length: int) -> np.ndarray:
-            """The bias repeated along a row of :func:`wide_rows` (length a multiple of F)."""
-            if length not in tiled:
-                tiled[length] = np.tile(bias, length // f)
-            return tiled[length]
 
         def run(part: slice) -> None:
             nc = part.stop - part.start
@@ -258,11 +273,9 @@ class ConvBlock:
                 conv = scratch("conv_out", (nc, out_h, out_w, f), dtype)
                 np.matmul(cols, w_mat, out=conv.reshape(-1, f))
                 self._pool_forward(conv, out[part], None if argmax is None else argmax[part])
-            result = wide_rows(out[part])
-            result += bias_row(result.shape[1])
-            activate_(result, self.activation)
+            activate_(wide_rows(out[part]), self.activation, halved=True)
 
-        parallel_map(run, self._chunks(n, out_h * out_w * w_mat.shape[0] * x.itemsize))
+        parallel_map(run, self._chunks(n, out_h * out_w * weight[0].size * x.itemsize))
         if train:  # an evaluation forward leaves the pending backward's cache alone
             self.cache = (x, out, argmax, (out_h, out_w))
         return out
@@ -413,25 +426,25 @@ class ConvBlock:
         def run(part: slice) -> tuple[np.ndarray, np.ndarray]:
             g = activation_grad(grad_out[part], out[part], self.activation,
                                 scratch("g_act", out[part].shape, dtype))
-            bias_grad = sum_along(g.reshape(-1, f), 0)
             if self.pool is not None:
                 g = self._pool_backward(g, argmax[part], out_h, out_w)
             g_rows = g.reshape(-1, f)
             cols = self._im2col(x, part, out_h, out_w)  # recomputed: cheaper than keeping it
+            # (F, K + 1): the weight gradient, and in the column of ones' place the bias's.
             # np.dot, not matmul: matmul keeps the GIL when its output is small (500 or fewer
-            # elements, e.g. 16 x 25), which stalls the other threads (see sum_along).
+            # elements, e.g. 16 x 26), which stalls the other threads (fused.sum_along).
             if cols.flags.f_contiguous:  # channel-major im2col, cols = (K, M).T: (K, M) @ (M, F)
-                weight_grad = np.dot(cols.T, g_rows).T  # with both operands row-major is
-            else:                                       # 10-15% faster for K = 25-27 (measured)
-                weight_grad = np.dot(g_rows.T, cols)      # (F, kh*kw*C)
+                grads = np.dot(cols.T, g_rows).T  # with both operands row-major is 10-15%
+            else:                                 # faster for K = 25-27 (measured)
+                grads = np.dot(g_rows.T, cols)
             if grad_in is not None:
                 self._input_grad(g, phases, grad_in[part], (h, w))
-            return weight_grad, bias_grad
+            return (grads,)
 
         chunks = self._chunks(n, out_h * out_w * kh * kw * c * x.itemsize)
-        weight_grad, bias_grad = sum_in_order(parallel_map(run, chunks))
-        self.conv.grads["weight"] += weight_grad.reshape(f, kh, kw, c).transpose(0, 3, 1, 2)
-        self.conv.grads["bias"] += bias_grad
+        (grads,) = sum_in_order(parallel_map(run, chunks))
+        self.conv.grads["weight"] += grads[:, :-1].reshape(f, kh, kw, c).transpose(0, 3, 1, 2)
+        self.conv.grads["bias"] += grads[:, -1]
         return grad_in
 
 
