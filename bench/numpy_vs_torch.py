@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +311,56 @@ def thread_scaling(case: Case, threads: int) -> dict:
             for count, (wall, cpu) in samples.items()}
 
 
+#: Seconds each process of :func:`split_over_processes` trains for.
+SPLIT_SECONDS = 3.0
+
+
+def split_over_processes(case: Case, processes: int, seconds: float | None = None) -> float:
+    """Wall ms per step when ``processes`` independent processes, started together, each train
+    the case's network on its share of the batch on one thread (the slowest process's
+    figure): what the threads could reach if running side by side cost only what the CPUs
+    share (caches, memory bandwidth, clock), with no interpreter lock and no meeting points."""
+    share = -(-case.batch // processes)
+    seconds = SPLIT_SECONDS if seconds is None else seconds
+    cmd = [sys.executable, "-m", "labctl.bench.numpy_vs_torch", "--split-step",
+           json.dumps({**asdict(case), "batch": share}), "--seconds", str(seconds)]
+    env = {**os.environ, "LABCTL_NUMPY_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    children = [subprocess.Popen(cmd, env=env, cwd=REPO, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    try:
+        for child in children:  # each says "ready" once built and warmed up
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("a split-step process failed to start")
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        return max(float(child.communicate(timeout=120)[0]) for child in children)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+
+
+def split_step_child(case_fields: str, seconds: float) -> int:
+    """The process side of :func:`split_over_processes`: prints "ready", waits for "go",
+    trains for ``seconds`` and prints the median ms per step of its blocks."""
+    case = Case(**json.loads(case_fields))
+    ours, _, x, y = build_pair(case)
+    step = numpy_step(ours, x, y)
+    for _ in range(3):
+        step()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    blocks, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(blocks) < 3:
+        start = time.perf_counter()
+        for _ in range(3):
+            step()
+        blocks.append((time.perf_counter() - start) / 3 * 1000)
+    print(statistics.median(blocks), flush=True)
+    return 0
+
+
 def small_op_cpu_us(threads: int, calls: int = 20000) -> float:
     """CPU microseconds per small NumPy call (a 4 KiB multiply into a buffer) when
     ``threads`` threads make such calls at once, each on its own arrays: what one call's
@@ -426,6 +476,7 @@ def measure(budget_s: float, profile_repeats: int) -> dict:
                 entry[key][f"{name}_roofline"] = achieved / peak
         if threads > 1:
             entry["scaling"] = thread_scaling(case, threads)
+            entry["split_ms"] = split_over_processes(case, threads)
         if profile_repeats:
             ours, theirs, x, y = build_pair(case)
             with thread_count(1):
@@ -550,27 +601,41 @@ def scaling_lines(main: dict) -> list[str]:
              "process (`thread_scaling`): the CPU time all threads spent, and the wall time "
              "against an even split of that CPU time.", "",
              f"| case | CPU ms, 1 thread | CPU ms, {threads} threads | work added | wall ms, "
-             f"{threads} threads | even split of that CPU | waiting |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{threads} threads | even split of that CPU | waiting | {threads} processes, "
+             "1/{threads} of the batch each |".replace("{threads}", str(threads)),
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for case in cases:
         one, many = case["scaling"]["1"], case["scaling"][key]
         even = many["cpu_ms"] / threads
+        split = case.get("split_ms")
         lines.append(f"| {case['case']} | {one['cpu_ms']:.1f} | {many['cpu_ms']:.1f} | "
                      f"{many['cpu_ms'] / one['cpu_ms'] - 1:+.0%} | {many['wall_ms']:.1f} | "
-                     f"{even:.1f} | {max(0.0, many['wall_ms'] - even):.1f} ms |")
+                     f"{even:.1f} | {max(0.0, many['wall_ms'] - even):.1f} ms | "
+                     + (f"{split:.1f} |" if split else "- |"))
     small = main.get("small_op_us")
     if small:
         lines += ["", f"A small NumPy call (a 4 KiB multiply) cost {small['1']:.2f} us of CPU on "
                   f"one thread and {small[key]:.2f} us each with {threads} threads calling at "
                   "once on their own arrays (same run). Every NumPy call releases the GIL for its "
                   "loop and takes it back after; a thread that finds it taken sleeps, and "
-                  "waking it takes tens of microseconds on this VM (a thread-pool hand-off "
-                  "took 20-50 us), as long as many of a chunk's copies and elementwise "
-                  "passes. In case (c)'s first block on its own, the two threads' chunks took "
-                  "twice the wall time and 1.4x the CPU time they take on one thread (GEMMs "
-                  "and strided copies alone scale in threads, and two one-thread processes "
-                  "do not slow each other). Torch's threads run inside one C++ op without "
-                  "the GIL. What is left to do here is fewer, longer NumPy calls per chunk."]
+                  "waking it takes tens of microseconds on this VM. About a sixth of a "
+                  "one-thread step runs Python with the GIL held (py-spy --gil on cases (c) "
+                  "and (d): 15-18%): the dispatch of a few hundred NumPy calls and the block "
+                  "and chunk bookkeeping around them."]
+    if any(case.get("split_ms") for case in cases):
+        lines += ["", f"The last column is the bound for {threads} threads: {threads} independent "
+                  "processes started together, each training the same network on its share "
+                  "of the batch on one thread (the slowest one's step). They share only the "
+                  "CPUs' caches, memory bandwidth and clock; the gap between it and the "
+                  "threads' wall time is the interpreter lock and the threads' meeting points "
+                  "(one per block, and the optimizer's). Memory-bound calls slow down most "
+                  "when both CPUs are busy: on case (c) an im2col copy's median CPU time rose "
+                  "from 35 to 48 us, a sigmoid-gradient pass from 10 to 19 us, a GEMM by 12% "
+                  "(measured per call). Making the processes one data-parallel step (forked "
+                  "helpers with the parameters in shared memory, gradients summed in the "
+                  "parent) was no faster than the threads: loss, optimizer and gradient sum "
+                  "then run in one process while the other waits, and each step pays two "
+                  "round trips."]
     return lines
 
 
@@ -633,15 +698,29 @@ What made the NumPy version fast, in order of effect (compare the layer-by-layer
    loop is 2x as fast as exp's); the strided input gradient's column phases written
    interleaved into whole input rows, then copied as W*C-float runs.
 
+8. **Freed memory stays in the process** (`worker/numpy_cnn/allocator.py`): glibc's malloc
+   mapped each step's large arrays afresh and page-faulted them (~780 faults a step in
+   cases (c) and (d), 5-7 ms of kernel time a step on two threads); raised mmap and trim
+   thresholds stop that (case (d): 22% less wall time on two threads, 18% less CPU on one).
+9. **GEMMs with small outputs through `np.dot`**: `np.matmul` keeps the GIL when its output
+   has 500 elements or fewer (bias gradients, a 16x25 weight gradient), so the other thread
+   stalled for the whole GEMM; `np.dot` releases it (cases (a) and (c) 10% faster at two
+   threads). The bias rides in the convolution GEMM (a column of ones in im2col), which also
+   sums its gradient.
+
 Tried and dropped (slower at 1 thread, A/B in one process): keeping the padded input or the
 whole im2col from forward for backward (re-padding and re-copying a chunk in cache beat
-reading either back), a separate coarser chunk loop for the input gradient, handing a
-strided input gradient to the previous block as row phases (its activation gradient then
-read a transposed view), other chunk sizes than 1 MiB of im2col (0.5-2 MiB). At two
-threads: a fixed half of the batch per thread, also with each thread pinned to its own CPU
-(no faster than claiming chunks; case (d) 10% slower), chunk counts not rounded to a
-multiple of the threads, glibc malloc thresholds that stop the per-step page faults,
-freezing Python's garbage collector, and a shorter GIL switch interval (each within noise).
+reading either back; again 1-4% slower on this machine), a separate coarser chunk loop for
+the input gradient, handing a strided input gradient to the previous block as row phases
+(its activation gradient then read a transposed view), other chunk sizes than 1 MiB of
+im2col (384 KiB: 18-22% slower at two threads, 640 KiB 3-9%, 2 MiB 3-10%). At two threads: a
+fixed half of the batch per thread, also with each thread pinned to its own CPU (no faster
+than claiming chunks; case (d) 10% slower), chunk counts not rounded to a multiple of the
+threads, freezing Python's garbage collector, a shorter GIL switch interval, no threads for
+the optimizer and the small GEMMs (each within noise), taking batch shards through all of a
+network's conv blocks before the threads meet (one meeting per pass instead of one per
+block: case (c) 2-4% faster, (d) 4-10% slower, its lighter blocks then running 3x as many
+chunks), and the forked data-parallel helpers described above.
 """
 
 
@@ -655,7 +734,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-second-run", action="store_true",
                         help="skip the run without OPENBLAS_CORETYPE")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--split-step", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=SPLIT_SECONDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.split_step:
+        return split_step_child(args.split_step, args.seconds)
     result = measure(args.budget, args.profile_repeats)
     if args.child:
         print(json.dumps(result))

@@ -147,15 +147,21 @@ def test_numpy_bench_reports_where_two_threads_lose_time(bench_modules, monkeypa
     monkeypatch.setenv("LABCTL_NUMPY_THREADS", "2")
     monkeypatch.setattr(nvt, "CASES", [nvt.Case("t", 1, 8, 4, 3)])
     monkeypatch.setattr(nvt, "SCALING_BLOCKS", 2)
+    monkeypatch.setattr(nvt, "SPLIT_SECONDS", 0.05)
     result = nvt.measure(budget_s=0.0, profile_repeats=1)
     scaling = result["cases"][0]["scaling"]
     assert set(scaling) == {"1", "2"}
     assert all(v["cpu_ms"] > 0 and v["wall_ms"] > 0 for v in scaling.values())
     assert set(result["small_op_us"]) == {"1", "2"}
+    # Two real processes trained half the batch each: their step time is the threads' bound.
+    split = result["cases"][0]["split_ms"]
+    assert split > 0
     text = nvt.render(result, None)
     assert "### Where the time goes with 2 threads" in text
     row = next(line for line in text.splitlines() if line.startswith("| (t)") and "ms |" in line)
     assert f"{scaling['2']['cpu_ms']:.1f}" in row and f"{scaling['1']['cpu_ms']:.1f}" in row
+    assert row.endswith(f"| {split:.1f} |")
+    assert "2 processes, 1/2 of the batch each" in text
     # The OPENBLAS_CORETYPE-removed column appears only with a second run to fill it.
     assert "OPENBLAS_CORETYPE removed" not in text
     assert "OPENBLAS_CORETYPE removed" in nvt.render(result, result)
