@@ -6,11 +6,11 @@ The mechanisms are those that made the default network's fused block
 
 - **Channels-last (NHWC) activations.** The im2col matrix of a chunk is a strided *view* of
   the padded chunk, shape (n, Ho, Wo, kh, kw, C), copied once into a reused buffer; its
-  GEMM with the (kh*kw*C, F) weight matrix writes the NHWC output directly, which is the
-  next convolution's input with no transpose.
+  GEMM with the (kh*kw*C + 1, F) weight matrix (the bias its last row) writes the NHWC
+  output directly, which is the next convolution's input with no transpose.
 - **Cache-sized batch chunks over threads**, BLAS held to one thread
-  (:func:`parallel.parallel_map`): each chunk goes im2col -> GEMM -> bias -> pool ->
-  activation while its buffers are in cache; backward recomputes the chunk's im2col rather
+  (:func:`parallel.parallel_map`): each chunk goes im2col -> GEMM (with the bias) -> pool
+  -> activation while its buffers are in cache; backward recomputes the chunk's im2col rather
   than keeping a matrix kh*kw times the input.
 - **Elementwise work fused in place.** The bias rides in the GEMM (a column of ones in
   the im2col matrix, the bias as the weight matrix's last row), so backward's weight-gradient
@@ -423,7 +423,7 @@ class ConvBlock:
         grad_in = np.empty_like(x) if input_grad else None
         phases = self._phase_weights(dtype) if input_grad else []
 
-        def run(part: slice) -> tuple[np.ndarray, np.ndarray]:
+        def run(part: slice) -> tuple[np.ndarray]:
             g = activation_grad(grad_out[part], out[part], self.activation,
                                 scratch("g_act", out[part].shape, dtype))
             if self.pool is not None:
