@@ -602,7 +602,7 @@ def scaling_lines(main: dict) -> list[str]:
              "against an even split of that CPU time.", "",
              f"| case | CPU ms, 1 thread | CPU ms, {threads} threads | work added | wall ms, "
              f"{threads} threads | even split of that CPU | waiting | {threads} processes, "
-             "1/{threads} of the batch each |".replace("{threads}", str(threads)),
+             f"1/{threads} of the batch each |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for case in cases:
         one, many = case["scaling"]["1"], case["scaling"][key]
