@@ -628,7 +628,8 @@ def scaling_lines(main: dict) -> list[str]:
                   "of the batch on one thread (the slowest one's step). They share only the "
                   "CPUs' caches, memory bandwidth and clock; the gap between it and the "
                   "threads' wall time is the interpreter lock and the threads' meeting points "
-                  "(one per block, and the optimizer's). Memory-bound calls slow down most "
+                  "(one per pass over a run of conv blocks, one per dense layer, and the "
+                  "optimizer's). Memory-bound calls slow down most "
                   "when both CPUs are busy: on case (c) an im2col copy's median CPU time rose "
                   "from 35 to 48 us, a sigmoid-gradient pass from 10 to 19 us, a GEMM by 12% "
                   "(measured per call). Making the processes one data-parallel step (forked "
@@ -677,7 +678,11 @@ What made the NumPy version fast, in order of effect (compare the layer-by-layer
    10-30x slower. The calling thread works too and each thread claims the next chunk when
    it is free, so a block wakes each helper thread once (handing every chunk over as a
    future made case (d) 15% slower at two threads). The linear layers split their GEMMs by
-   output columns instead.
+   output columns instead. Consecutive conv blocks run as one pipeline
+   (`parallel.run_stages`): a block's chunk starts as soon as the previous block has
+   finished the images it reads, so the threads meet once per pass instead of after every
+   block, and each block keeps its own chunk size (cases (b)-(d) 2-9% faster at two threads,
+   none slower at one).
 4. **Input gradient as a transposed convolution** (flipped kernel, one GEMM) rather than
    GEMM + col2im; the first block skips it.
 5. **The same mechanisms for any network** (`worker/numpy_cnn/blocks.py`, cases (c) and
@@ -720,9 +725,14 @@ fixed half of the batch per thread, also with each thread pinned to its own CPU 
 than claiming chunks; case (d) 10% slower), chunk counts not rounded to a multiple of the
 threads, freezing Python's garbage collector, a shorter GIL switch interval, no threads for
 the optimizer and the small GEMMs (each within noise), taking batch shards through all of a
-network's conv blocks before the threads meet (one meeting per pass instead of one per
-block: case (c) 2-4% faster, (d) 4-10% slower, its lighter blocks then running 3x as many
-chunks), and the forked data-parallel helpers described above.
+network's conv blocks with one chunk size for all (case (c) 2-4% faster, (d) 4-10% slower,
+its lighter blocks then running 3x as many chunks), the pipeline taking the deepest ready
+chunk first rather than the first (3% slower, one thread or two: each thread then spreads
+over more blocks' buffers), and the forked data-parallel helpers described above. Winograd
+F(2x2, 3x3) for the stride-1 3x3 convolutions (prototyped forward on case (d)'s 32->64
+block): its GEMMs took 2.6 ms against im2col's 6.1, but its input and output transforms,
+some twenty NumPy passes over tiles of 4x4, took most of that back (the block's forward
+15-20% faster, the GEMMs saved being a third of one case's time); not pursued.
 """
 
 

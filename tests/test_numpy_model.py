@@ -21,14 +21,18 @@ from labctl.worker.numpy_cnn import (
     MaxPool2D,
     ReLU,
     Sequential,
+    blocks,
     build_default_cnn,
     softmax_cross_entropy,
 )
+from labctl.worker.numpy_cnn import model as model_module
 from labctl.worker.numpy_cnn.fused import CHANNEL_MAJOR_MAX_CHANNELS, ConvReLUPool
 from labctl.worker.numpy_cnn.parallel import (
+    Stage,
     batch_chunks,
     parallel_map,
     parallel_matmul,
+    run_stages,
     split_evenly,
 )
 
@@ -315,3 +319,90 @@ def test_parallel_helpers_keep_order_nest_and_split_gemms_exactly(monkeypatch):
     a, b = rng.standard_normal((64, 300)), rng.standard_normal((300, 257))
     np.testing.assert_allclose(parallel_matmul(a, b), a @ b, rtol=1e-12)
     np.testing.assert_array_equal(parallel_matmul(a, b), parallel_matmul(a, b))
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_run_stages_starts_a_chunk_once_the_images_it_reads_are_done(monkeypatch, threads):
+    """Each stage's chunk waits for the previous stage's chunks covering its images, and
+    no longer: with stage 0's last chunk slow, stage 1 starts before stage 0 ends. Each
+    ``finish`` gets its stage's results in chunk order."""
+    monkeypatch.setenv("LABCTL_NUMPY_THREADS", threads)
+    images = 24
+    chunkings = [split_evenly(images, 6), split_evenly(images, 4), split_evenly(images, 3)]
+    lock = threading.Lock()
+    done = [set() for _ in chunkings]
+    log: list[tuple[str, int, int]] = []
+    finished: dict[int, list] = {}
+
+    def stage(s: int) -> Stage:
+        def run(part: slice) -> tuple[int, int]:
+            with lock:
+                if s:
+                    assert set(range(part.stop)) <= done[s - 1], (s, part)
+                log.append(("start", s, part.start))
+            if s == 0 and part.stop == images:
+                time.sleep(0.05)
+            with lock:
+                done[s].update(range(part.start, part.stop))
+                log.append(("end", s, part.start))
+            return part.start, part.stop
+
+        return Stage(run, chunkings[s], None, lambda results: finished.setdefault(s, results))
+
+    run_stages([stage(s) for s in range(3)])
+    assert all(d == set(range(images)) for d in done)
+    assert finished == {s: [(c.start, c.stop) for c in chunkings[s]] for s in range(3)}
+    if threads != "1":
+        last_of_stage_0 = log.index(("end", 0, chunkings[0][-1].start))
+        assert ("start", 1, 0) in log[:last_of_stage_0]
+
+
+def test_run_stages_reraises_a_chunks_error_and_the_pool_serves_the_next_call(monkeypatch):
+    monkeypatch.setenv("LABCTL_NUMPY_THREADS", "2")
+    ran, finished = [], []
+
+    def run(part: slice) -> None:
+        if part.start == 3:
+            raise ValueError("chunk 3")
+        ran.append(part.start)
+        time.sleep(0.001)
+
+    stages = [Stage(run, split_evenly(200, 200), None, finished.append),
+              Stage(lambda part: None, split_evenly(200, 2), None, finished.append)]
+    with pytest.raises(ValueError, match="chunk 3"):
+        run_stages(stages)
+    assert len(ran) < 199 and not finished
+    results = []
+    run_stages([Stage(lambda part: part.start, split_evenly(8, 4), None, results.append)])
+    assert results == [[0, 2, 4, 6]]
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_pipelined_blocks_give_the_same_step_as_blocks_run_one_by_one(monkeypatch, threads):
+    """Small chunks make every block run several, so the pipeline interleaves them; the
+    outputs and gradients are bitwise those of each block running its own chunk loop."""
+    monkeypatch.setenv("LABCTL_NUMPY_THREADS", threads)
+    monkeypatch.setattr(blocks, "CHUNK_BYTES", 16 * 1024)
+    rng = np.random.default_rng(0)
+    layers = [Conv2D(3, 8, 3, padding=1, rng=rng), ReLU(), MaxPool2D(2),
+              Conv2D(8, 8, 3, stride=2, padding=1, rng=rng), ReLU(),
+              Conv2D(8, 4, 3, padding=1, rng=rng), ReLU(), Flatten(),
+              Linear(4 * 4 * 4, 5, rng=rng)]
+    net = Sequential(*layers)
+    assert [type(s).__name__ for s in net.steps[:3]] == ["ConvReLUPool", "ConvBlock", "ConvBlock"]
+    x = np.random.default_rng(1).standard_normal((37, 3, 16, 16)).astype(np.float32)
+    labels = np.arange(37) % 5
+    runs = []
+    for pipelined in (True, False):
+        monkeypatch.setattr(model_module, "PIPELINE_BLOCKS", pipelined)
+        assert len(net._runs(range(len(net.steps)))[0]) == (3 if pipelined else 1)
+        net.zero_grad()
+        out = net.forward(x)
+        _, grad = softmax_cross_entropy(out, labels)
+        grad_in = net.backward(grad)
+        runs.append((out, grad_in, [g.copy() for layer in layers for g in layer.grads.values()]))
+    (out_p, dx_p, grads_p), (out_b, dx_b, grads_b) = runs
+    np.testing.assert_array_equal(out_p, out_b)
+    np.testing.assert_array_equal(dx_p, dx_b)
+    for got, want in zip(grads_p, grads_b, strict=True):
+        np.testing.assert_array_equal(got, want)

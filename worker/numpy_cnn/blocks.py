@@ -8,10 +8,11 @@ The mechanisms are those that made the default network's fused block
   the padded chunk, shape (n, Ho, Wo, kh, kw, C), copied once into a reused buffer; its
   GEMM with the (kh*kw*C + 1, F) weight matrix (the bias its last row) writes the NHWC
   output directly, which is the next convolution's input with no transpose.
-- **Cache-sized batch chunks over threads**, BLAS held to one thread
-  (:func:`parallel.parallel_map`): each chunk goes im2col -> GEMM (with the bias) -> pool
-  -> activation while its buffers are in cache; backward recomputes the chunk's im2col rather
-  than keeping a matrix kh*kw times the input.
+- **Cache-sized batch chunks over threads**, BLAS held to one thread: each chunk goes
+  im2col -> GEMM (with the bias) -> pool -> activation while its buffers are in cache;
+  backward recomputes the chunk's im2col rather than keeping a matrix kh*kw times the input.
+  A block's pass is a :class:`parallel.Stage`, so :class:`model.Sequential` runs
+  consecutive conv blocks as one pipeline (:func:`parallel.run_stages`).
 - **Elementwise work fused in place.** The bias rides in the GEMM (a column of ones in
   the im2col matrix, the bias as the weight matrix's last row), so backward's weight-gradient
   GEMM also yields the bias gradient. Pooling and the activation run on the GEMM's output
@@ -35,9 +36,10 @@ import numpy as np
 from labctl.worker.numpy_cnn.fused import CHUNK_BYTES, scratch, strided_view
 from labctl.worker.numpy_cnn.layers import Conv2D, Layer, Linear, MaxPool2D, ReLU, Sigmoid
 from labctl.worker.numpy_cnn.parallel import (
+    Stage,
     batch_chunks,
-    parallel_map,
     parallel_matmul,
+    run_stages,
     sum_in_order,
 )
 
@@ -250,6 +252,13 @@ class ConvBlock:
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """x: (N, H, W, C) -> (N, Po, Qo, F). ``train=False`` keeps no cache."""
+        stage = self.forward_stage(x, train)
+        run_stages([stage])
+        return stage.output
+
+    def forward_stage(self, x: np.ndarray, train: bool = True) -> Stage:
+        """:meth:`forward` as a :class:`parallel.Stage` (its output allocated, not yet
+        written), so :class:`model.Sequential` can pipeline it with the next block."""
         weight = self.conv.params["weight"]
         n, h, w, c = x.shape
         if c != self.conv.in_channels:
@@ -275,10 +284,12 @@ class ConvBlock:
                 self._pool_forward(conv, out[part], None if argmax is None else argmax[part])
             activate_(wide_rows(out[part]), self.activation, halved=True)
 
-        parallel_map(run, self._chunks(n, out_h * out_w * weight[0].size * x.itemsize))
-        if train:  # an evaluation forward leaves the pending backward's cache alone
-            self.cache = (x, out, argmax, (out_h, out_w))
-        return out
+        def finish(_: list) -> None:
+            if train:  # an evaluation forward leaves the pending backward's cache alone
+                self.cache = (x, out, argmax, (out_h, out_w))
+
+        chunks = self._chunks(n, out_h * out_w * weight[0].size * x.itemsize)
+        return Stage(run, chunks, out, finish)
 
     def _pool_forward(self, conv: np.ndarray, best: np.ndarray,
                       argmax: np.ndarray | None) -> None:
@@ -424,6 +435,13 @@ class ConvBlock:
     def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """grad_out: (N, Po, Qo, F) -> grad_in: (N, H, W, C), or None if not ``input_grad``.
         Adds the weight and bias gradients into ``conv.grads``."""
+        stage = self.backward_stage(grad_out, input_grad)
+        run_stages([stage])
+        return stage.output
+
+    def backward_stage(self, grad_out: np.ndarray, input_grad: bool = True) -> Stage:
+        """:meth:`backward` as a :class:`parallel.Stage` whose output is grad_in (None if not
+        ``input_grad``); its ``finish`` adds the summed weight and bias gradients."""
         if self.cache is None:
             raise RuntimeError("ConvBlock.backward called before a training forward")
         x, out, argmax, (out_h, out_w) = self.cache
@@ -453,11 +471,13 @@ class ConvBlock:
                 self._input_grad(g, phases, grad_in[part], (h, w))
             return (grads,)
 
+        def finish(results: list) -> None:
+            (grads,) = sum_in_order(results)
+            self.conv.grads["weight"] += grads[:, :-1].reshape(f, kh, kw, c).transpose(0, 3, 1, 2)
+            self.conv.grads["bias"] += grads[:, -1]
+
         chunks = self._chunks(n, out_h * out_w * kh * kw * c * x.itemsize)
-        (grads,) = sum_in_order(parallel_map(run, chunks))
-        self.conv.grads["weight"] += grads[:, :-1].reshape(f, kh, kw, c).transpose(0, 3, 1, 2)
-        self.conv.grads["bias"] += grads[:, -1]
-        return grad_in
+        return Stage(run, chunks, grad_in, finish)
 
 
 class DenseBlock:

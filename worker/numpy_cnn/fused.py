@@ -30,11 +30,7 @@ import threading
 import numpy as np
 
 from labctl.worker.numpy_cnn.layers import Conv2D, Layer, MaxPool2D, ReLU
-from labctl.worker.numpy_cnn.parallel import (
-    batch_chunks,
-    parallel_map,
-    sum_in_order,
-)
+from labctl.worker.numpy_cnn.parallel import Stage, batch_chunks, run_stages, sum_in_order
 
 #: Target size of one chunk's im2col matrix: big enough for an efficient GEMM, small enough
 #: to stay in cache (L2 is 512 KiB, L3 32 MiB on the Zen 3 we tuned on); measured best.
@@ -180,6 +176,12 @@ class ConvReLUPool:
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """x: (N, H, W, C) -> (N, Ph, Pw, F). ``train=False`` skips the backward masks."""
+        stage = self.forward_stage(x, train)
+        run_stages([stage])
+        return stage.output
+
+    def forward_stage(self, x: np.ndarray, train: bool = True) -> Stage:
+        """:meth:`forward` as a :class:`parallel.Stage`, for :func:`parallel.run_stages`."""
         weight, bias = self.conv.params["weight"], self.conv.params["bias"]
         n, f = x.shape[0], weight.shape[0]
         ph, pw = self._shapes(x.shape)
@@ -213,14 +215,22 @@ class ConvReLUPool:
             b[0] += bias
             np.maximum(b[0], 0, out=self._native(out[part].reshape(rows, f)))
 
-        parallel_map(run, self._chunks(x, ph * pw))
-        if train:  # an evaluation forward leaves the pending backward's cache alone
-            self.cache = (x, out, masks)
-        return out
+        def finish(_: list) -> None:
+            if train:  # an evaluation forward leaves the pending backward's cache alone
+                self.cache = (x, out, masks)
+
+        return Stage(run, self._chunks(x, ph * pw), out, finish)
 
     def backward(self, grad_out: np.ndarray, input_grad: bool = True) -> np.ndarray | None:
         """grad_out: (N, Ph, Pw, F) -> grad_in: (N, H, W, C), or None if not ``input_grad``.
         Adds the weight and bias gradients into ``conv.grads``."""
+        stage = self.backward_stage(grad_out, input_grad)
+        run_stages([stage])
+        return stage.output
+
+    def backward_stage(self, grad_out: np.ndarray, input_grad: bool = True) -> Stage:
+        """:meth:`backward` as a :class:`parallel.Stage` whose output is grad_in (None if not
+        ``input_grad``); its ``finish`` adds the summed weight and bias gradients."""
         if self.cache is None:
             raise RuntimeError("ConvReLUPool.backward called before a training forward")
         x, out, masks = self.cache
@@ -275,7 +285,9 @@ class ConvReLUPool:
                           out=grad_in[part].reshape(nc * h * w, c))
             return weight_grad, bias_grad
 
-        weight_grad, bias_grad = sum_in_order(parallel_map(run, self._chunks(x, ph * pw)))
-        self.conv.grads["weight"] += weight_grad.reshape(f, k, k, c).transpose(0, 3, 1, 2)
-        self.conv.grads["bias"] += bias_grad
-        return grad_in
+        def finish(results: list) -> None:
+            weight_grad, bias_grad = sum_in_order(results)
+            self.conv.grads["weight"] += weight_grad.reshape(f, k, k, c).transpose(0, 3, 1, 2)
+            self.conv.grads["bias"] += bias_grad
+
+        return Stage(run, self._chunks(x, ph * pw), grad_in, finish)

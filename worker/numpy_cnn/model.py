@@ -18,7 +18,10 @@ Any network :class:`Sequential` composes runs on the fast path: each Conv2D with
 activation (ReLU/Sigmoid) and MaxPool2D right after it is one threaded block on NHWC arrays
 (:class:`blocks.ConvBlock`; the default network's stride-1 conv -> ReLU -> 2x2 pool triples
 use the tuned :class:`fused.ConvReLUPool`), each Linear with its activation one
-:class:`blocks.DenseBlock`; ``fuse=False`` runs the plain layers one by one.
+:class:`blocks.DenseBlock`; ``fuse=False`` runs the plain layers one by one. Consecutive
+conv blocks run forward (and backward) as one pipeline over the batch
+(:func:`parallel.run_stages`): a chunk of images moves on to the next block without
+waiting for the rest of the batch.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from labctl.worker.numpy_cnn.allocator import keep_freed_memory
 from labctl.worker.numpy_cnn.blocks import ACTIVATIONS, ConvBlock, DenseBlock
 from labctl.worker.numpy_cnn.fused import ConvReLUPool, fusable
 from labctl.worker.numpy_cnn.layers import Conv2D, Flatten, Layer, Linear, MaxPool2D, ReLU, _pair
+from labctl.worker.numpy_cnn.parallel import run_stages
+
+#: Run consecutive conv blocks as one pipeline (parallel.run_stages); False runs each
+#: block's chunk loop on its own, which the tests compare against.
+PIPELINE_BLOCKS = True
 
 Block = ConvBlock | ConvReLUPool | DenseBlock
 
@@ -72,12 +80,20 @@ class Sequential:
         # Plain layers always cache; an evaluation forward puts their caches back after.
         saved = None if train else [layer.cache for layer in self.layers]
         channels_last = False  # conv blocks run on NHWC; other steps on NCHW
-        for step in self._steps:
-            wants_nhwc = getattr(step, "channels_last", False)
+        for run in self._runs(range(len(self._steps))):
+            wants_nhwc = getattr(run[0], "channels_last", False)
             if wants_nhwc != channels_last:
                 x = _to_nhwc(x) if wants_nhwc else _to_nchw(x)
                 channels_last = wants_nhwc
-            x = step.forward(x) if isinstance(step, Layer) else step.forward(x, train)
+            if len(run) > 1:
+                stages = []
+                for step in run:
+                    stages.append(step.forward_stage(x, train))
+                    x = stages[-1].output
+                run_stages(stages)
+            else:
+                step = run[0]
+                x = step.forward(x) if isinstance(step, Layer) else step.forward(x, train)
         if saved is not None:
             for layer, cache in zip(self.layers, saved, strict=True):
                 layer.cache = cache
@@ -89,19 +105,42 @@ class Sequential:
         block skip its input gradient). Adds into every layer's grads."""
         grad = grad_out
         channels_last = False  # forward returned NCHW
-        for index in range(len(self._steps) - 1, -1, -1):
-            step = self._steps[index]
-            wants_nhwc = getattr(step, "channels_last", False)
+        for run in self._runs(range(len(self._steps) - 1, -1, -1)):
+            wants_nhwc = getattr(run[0], "channels_last", False)
             if wants_nhwc != channels_last:
                 grad = _to_nhwc(grad) if wants_nhwc else _to_nchw(grad)
                 channels_last = wants_nhwc
-            if isinstance(step, Layer):
-                grad = step.backward(grad)
+            last = self._steps.index(run[-1]) == 0  # the network's first step
+            if len(run) > 1:
+                stages = []
+                for step in run:
+                    wanted = input_grad or step is not self._steps[0]
+                    stages.append(step.backward_stage(grad, input_grad=wanted))
+                    grad = stages[-1].output
+                run_stages(stages)
             else:
-                grad = step.backward(grad, input_grad=input_grad or index > 0)
-                if grad is None:
-                    return None
+                step = run[0]
+                if isinstance(step, Layer):
+                    grad = step.backward(grad)
+                else:
+                    grad = step.backward(grad, input_grad=input_grad or not last)
+            if grad is None:
+                return None
         return _to_nchw(grad) if channels_last else grad
+
+    def _runs(self, order: range) -> list[list[Layer | Block]]:
+        """The steps in ``order``, consecutive blocks that run as :class:`parallel.Stage` s
+        grouped into one list (one pipeline, see :func:`parallel.run_stages`), any other
+        step alone."""
+        runs: list[list[Layer | Block]] = []
+        for index in order:
+            step = self._steps[index]
+            staged = PIPELINE_BLOCKS and hasattr(step, "forward_stage")
+            if staged and runs and hasattr(runs[-1][-1], "forward_stage"):
+                runs[-1].append(step)
+            else:
+                runs.append([step])
+        return runs
 
     def zero_grad(self) -> None:
         for layer in self.layers:
